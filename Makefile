@@ -1,0 +1,38 @@
+# ftpipe developer commands. `make setup` builds .venv/ in the repo with everything (CPU torch pinned).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: help setup demo test test-full lint bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+setup: $(VENV)/.installed  ## create .venv/ with ftpipe and its dependencies (CPU torch)
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev,qlora]"
+	touch $@
+
+demo: setup  ## fine-tune SmolLM2-135M on colour names with LoRA, on the CPU, end to end
+	$(VENV)/bin/ftpipe +recipe=colorist_lora
+
+test: setup  ## the fast suite (tiny models, no network but PyPI)
+	$(VENV)/bin/pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-full: setup  ## everything, including the slow end-to-end runs on SmolLM2
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+lint: setup  ## ruff
+	$(VENV)/bin/ruff check ftpipe tests scripts
+	$(VENV)/bin/ruff format --check ftpipe tests scripts
+
+bench: setup  ## GPU speed benchmark (run on the GPU machine)
+	$(PY) scripts/bench.py
+
+clean:  ## remove build leftovers (not the cache)
+	rm -rf build dist *.egg-info outputs multirun

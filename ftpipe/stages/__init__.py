@@ -1,0 +1,5 @@
+"""The stage chain, in order. Each module holds one stage and exposes it as STAGE."""
+
+from . import download
+
+CHAIN = [download.STAGE]
