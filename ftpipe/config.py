@@ -81,6 +81,21 @@ class LoraConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """GPU speed levers (ftpipe/training/levers.py). `auto` picks the best measured setting for the device;
+    on the CPU every lever resolves to the plain path (docs/performance.md has the measurements)."""
+
+    attention: str = "auto"  # auto | sdpa | varlen | flex: per-document causal attention on packed rows
+    padding_free: str = "auto"  # auto | on | off: concatenate a micro-batch's packed rows into one row
+    fused_ce: str = "auto"  # auto | liger | torch | off: linear + cross-entropy without the full logits
+    compile: str = "auto"  # auto | on | off: torch.compile each decoder layer
+    fused_lora: str = "auto"  # auto | on | off: one autograd function per LoRA linear (base + A/B)
+    checkpointing: str = "auto"  # auto | none | full | offload | selective
+    adapter_dtype: str = "auto"  # auto | bf16 | fp32: LoRA weights' dtype (bf16 skips autocast copies)
+    tokens_per_micro_batch: int | None = None  # split micro-batches to about this many tokens (grad accum)
+
+
+@dataclass
 class TrainConfig:
     method: str = "lora"  # full | lora | qlora | lora8bit
     epochs: float = 1.0
@@ -93,6 +108,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
     num_workers: int = 0  # runtime only
 
 
@@ -115,6 +131,13 @@ _CHOICES = {
     "train.method": {"full", "lora", "qlora", "lora8bit"},
     "train.precision": {"auto", "bf16", "fp16", "fp32"},
     "optimizer.scheduler": {"cosine", "linear", "constant"},
+    "train.speed.attention": {"auto", "sdpa", "varlen", "flex"},
+    "train.speed.padding_free": {"auto", "on", "off"},
+    "train.speed.fused_ce": {"auto", "liger", "torch", "off"},
+    "train.speed.compile": {"auto", "on", "off"},
+    "train.speed.fused_lora": {"auto", "on", "off"},
+    "train.speed.checkpointing": {"auto", "none", "full", "offload", "selective"},
+    "train.speed.adapter_dtype": {"auto", "bf16", "fp32"},
 }
 
 
@@ -132,11 +155,12 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
         raise FtpipeError(f"config key `{key}`: {reason}") from None
     assert isinstance(resolved, dict)
     for dotted, allowed in _CHOICES.items():
-        section, leaf = dotted.split(".")
-        if resolved[section][leaf] not in allowed:
-            raise FtpipeError(
-                f"config key `{dotted}`: {resolved[section][leaf]!r} is not one of {sorted(allowed)}"
-            )
+        *sections, leaf = dotted.split(".")
+        node = resolved
+        for section in sections:
+            node = node[section]
+        if node[leaf] not in allowed:
+            raise FtpipeError(f"config key `{dotted}`: {node[leaf]!r} is not one of {sorted(allowed)}")
     train, launcher = resolved["train"], resolved["launcher"]
     stage = ((launcher.get("deepspeed") or {}).get("zero_optimization") or {}).get("stage")
     if train["method"] in {"qlora", "lora8bit"} and stage == 3:

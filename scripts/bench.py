@@ -1,0 +1,695 @@
+#!/usr/bin/env python3
+"""GPU speed benchmark: plain HF Trainer + PEFT against ftpipe's train-stage path, side by side, in one run.
+
+Each case trains the same random-init model shape on the same packed data (random tokens, documents of random
+length packed into rows of 2048) with the same batch and LoRA config, first as a user would set it up with
+HF Trainer + PEFT, then through ftpipe's train-stage hooks (ftpipe/training/speed.py). It prints tokens/s
+(median step after warm-up), peak GPU memory, MFU and the ratios ftpipe / HF, and checks that both paths give
+the same loss and LoRA gradients on the same weights and batch (the correctness guard).
+
+    python3 scripts/bench.py                       # all cases + guard, on the GPU machine
+    python3 scripts/bench.py --cases llama1b_lora --json out.json
+    python3 scripts/bench.py --cases llama1b_lora --variants base:,flex:attention=flex --sides ftpipe
+
+Needs torch, transformers, peft, accelerate; liger-kernel and bitsandbytes where the levers / QLoRA use them.
+No hub access: models are built from their configs (written out below) with random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# The real dimensions of the two models (from their hub config.json), so no download is needed.
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama-3.2-1b": dict(
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling={
+            "factor": 32.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+        tie_word_embeddings=True,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        bos_token_id=128000,
+        eos_token_id=128009,
+    ),
+    "qwen2.5-7b": dict(
+        model_type="qwen2",
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+        hidden_act="silu",
+        use_sliding_window=False,
+        bos_token_id=151643,
+        eos_token_id=151645,
+    ),
+}
+
+# case -> shape, method, rows per step, checkpointing (HF: gradient_checkpointing; ftpipe: its default for it)
+CASES: dict[str, dict[str, Any]] = {
+    "llama1b_lora": dict(shape="llama-3.2-1b", method="lora", batch=4, ckpt=False),
+    "llama1b_lora_ckpt": dict(shape="llama-3.2-1b", method="lora", batch=4, ckpt=True),
+    "llama1b_qlora": dict(shape="llama-3.2-1b", method="qlora", batch=4, ckpt=True),
+    "qwen7b_lora": dict(shape="qwen2.5-7b", method="lora", batch=2, ckpt=True),
+    "qwen7b_qlora": dict(shape="qwen2.5-7b", method="qlora", batch=2, ckpt=True),
+}
+LORA = dict(r=64, alpha=16, dropout=0.0)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # = all-linear
+ROW = 2048
+START = time.perf_counter()
+PEAK_TFLOPS = 989.0  # H100 SXM dense bf16, the usual MFU denominator
+
+
+def log(*a: Any) -> None:
+    print(*a, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------- data
+
+
+def make_rows(n_rows: int, vocab: int, seed: int, row: int = ROW) -> list[dict[str, torch.Tensor]]:
+    """Rows of `row` tokens, each several documents (lengths 64..1024, the last one cut to fill the row), with
+    position_ids restarting per document and no loss on a document's first token (nothing predicts it)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n_rows):
+        lengths: list[int] = []
+        while sum(lengths) < row:
+            lengths.append(min(int(torch.randint(64, 1025, (1,), generator=g)), row - sum(lengths)))
+        ids = torch.randint(0, vocab, (row,), generator=g)
+        pos = torch.cat([torch.arange(n) for n in lengths])
+        labels = ids.clone()
+        labels[pos == 0] = -100
+        rows.append({"input_ids": ids, "labels": labels, "position_ids": pos, "doc_lengths": lengths})
+    return rows
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = [{k: v for k, v in r.items() if k != "doc_lengths"} for r in rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.rows[i]
+
+
+# ----------------------------------------------------------------------------------------------------- models
+
+
+def model_config(shape: str) -> Any:
+    from transformers import AutoConfig
+
+    spec = dict(SHAPES[shape])
+    return AutoConfig.for_model(spec.pop("model_type"), **spec)
+
+
+def quantize_nf4(model: nn.Module) -> nn.Module:
+    """Swap the decoder's nn.Linear layers for bitsandbytes nf4 (double quant, bf16 compute): the modules
+    `from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...))` builds."""
+    import bitsandbytes as bnb
+
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is not nn.Linear or child_name == "lm_head":
+                continue
+            q = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=torch.bfloat16,
+                compress_statistics=True,
+                quant_type="nf4",
+                device="meta",
+            )
+            w = bnb.nn.Params4bit(
+                child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4", module=q
+            )
+            q.weight = w._quantize(child.weight.device)
+            if child.bias is not None:
+                q.bias = nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(module, child_name, q)
+            del child
+    model.is_loaded_in_4bit = True
+    torch.cuda.empty_cache()
+    return model
+
+
+def build_model(shape: str, method: str, seed: int, load_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(load_kwargs or {})
+    kwargs.setdefault("dtype", torch.bfloat16)
+    kwargs.setdefault("attn_implementation", "sdpa")
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        try:
+            model = AutoModelForCausalLM.from_config(model_config(shape), **kwargs)
+        except ValueError:  # an attention name this transformers rejects at load: patch_model sets it after
+            kwargs["attn_implementation"] = "sdpa"
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(model_config(shape), **kwargs)
+    if method == "qlora":
+        quantize_nf4(model)
+    return model
+
+
+def lora_config(init_random: bool = False) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=LORA["r"],
+        lora_alpha=LORA["alpha"],
+        lora_dropout=LORA["dropout"],
+        target_modules=TARGETS,
+        task_type="CAUSAL_LM",
+        init_lora_weights=not init_random,
+    )
+
+
+def hf_model(case: dict[str, Any], seed: int, init_random: bool = False) -> nn.Module:
+    """HF + PEFT as a user sets it up: bf16 model (sdpa), PEFT LoRA (fp32 adapters, its default); for QLoRA
+    also `prepare_model_for_kbit_training`. No KV cache in training (else packed rows attend across docs)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    model = build_model(case["shape"], case["method"], seed)
+    model.config.use_cache = False
+    if case["method"] == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=case["ckpt"])
+    return get_peft_model(model, lora_config(init_random))
+
+
+def ftpipe_train_cfg(case: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "method": case["method"],
+        "gradient_checkpointing": case["ckpt"],
+        "micro_batch_size": case["batch"],
+        "lora": {
+            "r": LORA["r"],
+            "alpha": LORA["alpha"],
+            "dropout": LORA["dropout"],
+            "target_modules": TARGETS,
+        },
+        "speed": dict(overrides),
+    }
+
+
+def ftpipe_model(case: dict[str, Any], seed: int, train_cfg: dict[str, Any], init_random: bool = False):
+    """ftpipe's train-stage path: the speed hooks around model loading and PEFT."""
+    from peft import get_peft_model
+
+    from ftpipe.training import speed
+
+    dev = torch.device("cuda")
+    model = build_model(case["shape"], case["method"], seed, speed.model_load_kwargs(train_cfg, dev))
+    model = speed.patch_model(model, train_cfg, dev)
+    model = get_peft_model(model, lora_config(init_random), **speed.peft_kwargs(train_cfg, dev))
+    return speed.after_peft(model, train_cfg, dev)
+
+
+# ------------------------------------------------------------------------------------------------------ flops
+
+
+def flops_per_token(case: dict[str, Any], rows: list[dict[str, Any]]) -> float:
+    """Model FLOPs per token: 4 x frozen matmul params (forward + input-gradient; no weight gradient),
+    6 x LoRA params, plus attention (forward 2*L^2*d per document and layer, causal; backward twice that)."""
+    s = SHAPES[case["shape"]]
+    h, inter, n_layers = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
+    hd = s.get("head_dim") or h // s["num_attention_heads"]
+    q, kv = s["num_attention_heads"] * hd, s["num_key_value_heads"] * hd
+    shapes = [(h, q), (h, kv), (h, kv), (q, h), (h, inter), (h, inter), (inter, h)]
+    frozen = n_layers * sum(i * o for i, o in shapes) + s["vocab_size"] * h
+    lora = n_layers * sum(LORA["r"] * (i + o) for i, o in shapes)
+    tokens = sum(len(r["input_ids"]) for r in rows)
+    attn_fwd = n_layers * sum(2 * n * n * q for r in rows for n in r["doc_lengths"]) / tokens
+    return 4 * frozen + 6 * lora + 3 * attn_fwd
+
+
+# ----------------------------------------------------------------------------------------------------- timing
+
+
+class StepTimer:
+    """Wall time between consecutive optimizer steps, with the GPU drained at each boundary."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.last = 0.0
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class _CB(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                torch.cuda.synchronize()
+                timer.last = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                torch.cuda.synchronize()
+                now = time.perf_counter()
+                timer.times.append(now - timer.last)
+                timer.last = now
+
+        return _CB()
+
+
+def train_steps(
+    model: nn.Module,
+    rows: list[dict[str, Any]],
+    batch: int,
+    steps: int,
+    ckpt: bool,
+    collator: Any,
+    extra_args: dict[str, Any],
+    optim: str,
+) -> StepTimer:
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    timer = StepTimer()
+    args = dict(
+        output_dir=tempfile.mkdtemp(prefix="bench-"),
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        learning_rate=2e-4,
+        lr_scheduler_type="constant",
+        bf16=True,
+        gradient_checkpointing=ckpt,
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        optim=optim,
+        seed=0,
+    )
+    args.update(extra_args)
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(**args),
+        train_dataset=Rows(rows),
+        data_collator=collator or default_data_collator,
+        callbacks=[timer.callback()],
+    )
+    trainer.train()
+    del trainer
+    return timer
+
+
+def cleanup() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def measure(side: str, case: dict[str, Any], rows, args, overrides: dict[str, Any] | None = None) -> dict:
+    from ftpipe.training import speed
+
+    cleanup()
+    t0 = time.perf_counter()
+    if side == "hf":
+        model = hf_model(case, args.seed)
+        collator, extra, optim = None, {}, args.hf_optim
+    else:
+        cfg = ftpipe_train_cfg(case, overrides or {})
+        model = ftpipe_model(case, args.seed, cfg)
+        dev = torch.device("cuda")
+        collator = speed.collator(cfg, dev)
+        extra = speed.training_args_overrides(cfg, dev)
+        optim = (overrides or {}).get("optim", args.ftpipe_optim)
+    build_s = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()
+    steps = args.warmup + args.steps
+    n_rows = steps * case["batch"]
+    t1 = time.perf_counter()
+    timer = train_steps(model, rows[:n_rows], case["batch"], steps, case["ckpt"], collator, extra, optim)
+    wall = time.perf_counter() - t1
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    reserved = torch.cuda.max_memory_reserved() / 2**30
+    measured = timer.times[args.warmup :]
+    med = statistics.median(measured)
+    tokens = case["batch"] * ROW
+    tps = tokens / med
+    fpt = flops_per_token(case, rows[:n_rows])
+    del model
+    cleanup()
+    from torch._dynamo.utils import counters
+
+    compiled = {
+        "unique_graphs": counters["stats"].get("unique_graphs", 0),
+        "graph_breaks": dict(counters["graph_break"]),
+    }
+    return {
+        "side": side,
+        "dynamo": compiled,
+        "tok_s": tps,
+        "step_ms": med * 1e3,
+        "step_ms_all": [t * 1e3 for t in timer.times],
+        "peak_gib": peak,
+        "reserved_gib": reserved,
+        "mfu": tps * fpt / (PEAK_TFLOPS * 1e12),
+        "tflops": tps * fpt / 1e12,
+        "build_s": build_s,
+        "train_wall_s": wall,
+        "overrides": overrides or {},
+    }
+
+
+# ------------------------------------------------------------------------------------------------------ guard
+
+
+def _loss_and_grads(model: nn.Module, batch: dict[str, torch.Tensor], autocast: bool) -> tuple[float, dict]:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    batch = {k: v.cuda() for k, v in batch.items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        out = model(**batch)
+    out.loss.backward()
+    grads = {
+        n.split("base_model.model.", 1)[-1]: p.grad.detach().float().clone()
+        for n, p in model.named_parameters()
+        if "lora_" in n and p.grad is not None
+    }
+    return float(out.loss), grads
+
+
+def _rel(g: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> tuple[float, float]:
+    keys = sorted(ref)
+    a = torch.cat([g[k].flatten() for k in keys])
+    b = torch.cat([ref[k].flatten() for k in keys])
+    return float((a - b).norm() / b.norm()), float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
+def guard(case_name: str, rows, args, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Same weights, same batch: loss and LoRA gradients of (1) HF+PEFT as the user runs it (bf16 autocast,
+    fp32 adapters), (2) ftpipe's fast path, against (0) the same model in fp32. Pass: ftpipe's error vs fp32
+    is within bf16 tolerance, i.e. at most twice HF's own error (or 2e-2) and its gradients point the same way."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from ftpipe.training import speed
+
+    case = dict(CASES[case_name])
+    batch_rows = rows[: case["batch"]]
+    padded = {k: torch.stack([r[k] for r in batch_rows]) for k in ("input_ids", "labels", "position_ids")}
+    cleanup()
+    hf = hf_model(case, args.seed, init_random=True)
+    if case["ckpt"]:
+        hf.gradient_checkpointing_enable()
+        hf.enable_input_require_grads()
+    adapters = {k: v.detach().clone() for k, v in get_peft_model_state_dict(hf).items()}
+    hf_loss, hf_grads = _loss_and_grads(hf, padded, autocast=True)
+    ref_loss = ref_grads = None
+    if case["method"] != "qlora":  # a 4-bit model has no fp32 twin; compare ftpipe with HF directly
+        hf.float()
+        ref_loss, ref_grads = _loss_and_grads(hf, padded, autocast=False)
+    del hf
+    cleanup()
+    cfg = ftpipe_train_cfg(case, overrides)
+    dev = torch.device("cuda")
+    fast = ftpipe_model(case, args.seed, cfg, init_random=True)
+    set_peft_model_state_dict(fast, {k: v.to(torch.bfloat16) for k, v in adapters.items()})
+    collate = speed.collator(cfg, dev)
+    fast_batch = collate(batch_rows) if collate else padded
+    fast_loss, fast_grads = _loss_and_grads(fast, fast_batch, autocast=True)
+    del fast
+    cleanup()
+    res: dict[str, Any] = {
+        "case": case_name,
+        "overrides": overrides,
+        "hf_loss": hf_loss,
+        "ftpipe_loss": fast_loss,
+    }
+    if ref_grads is not None:
+        res["fp32_loss"] = ref_loss
+        res["hf_grad_err"], res["hf_grad_cos"] = _rel(hf_grads, ref_grads)
+        res["ftpipe_grad_err"], res["ftpipe_grad_cos"] = _rel(fast_grads, ref_grads)
+        res["hf_loss_err"] = abs(hf_loss - ref_loss) / abs(ref_loss)
+        res["ftpipe_loss_err"] = abs(fast_loss - ref_loss) / abs(ref_loss)
+        tol = max(2 * res["hf_grad_err"], 2e-2)
+        res["pass"] = bool(
+            res["ftpipe_grad_err"] <= tol
+            and res["ftpipe_grad_cos"] >= 0.999
+            and res["ftpipe_loss_err"] <= 1e-2
+        )
+    else:
+        res["ftpipe_vs_hf_grad_err"], res["ftpipe_vs_hf_grad_cos"] = _rel(fast_grads, hf_grads)
+        res["loss_err"] = abs(fast_loss - hf_loss) / abs(hf_loss)
+        res["pass"] = bool(
+            res["ftpipe_vs_hf_grad_err"] <= 5e-2
+            and res["ftpipe_vs_hf_grad_cos"] >= 0.998
+            and res["loss_err"] <= 1e-2
+        )
+    return res
+
+
+# ------------------------------------------------------------------------------------------------------ probe
+
+
+def probe() -> dict[str, Any]:
+    """Versions and a check of varlen_attn's causal switch and grouped heads against SDPA, per document."""
+    import torch.nn.functional as F
+
+    from ftpipe.training import attention as attn
+
+    out: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version()}
+    for mod in ("transformers", "peft", "accelerate", "triton", "liger_kernel", "bitsandbytes"):
+        try:
+            m = __import__(mod)
+            out[mod] = getattr(m, "__version__", "?")
+        except Exception as exc:  # report, do not stop the bench
+            out[mod] = f"missing ({type(exc).__name__}: {exc})"
+    out["gpu"] = torch.cuda.get_device_name()
+    try:
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+
+        out["varlen_signature"] = str(inspect.signature(varlen_attn))
+        torch.manual_seed(0)
+        lengths = [300, 1000, 77, 671]
+        t, h, hkv, d = sum(lengths), 32, 8, 64
+        q = torch.randn(t, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(t, hkv, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(t, hkv, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        pos = torch.cat([torch.arange(n) for n in lengths]).cuda()[None]
+        ref, start = [], 0
+        for n in lengths:
+            sl = slice(start, start + n)
+            qq = q[sl].double().transpose(0, 1)
+            kk = k[sl].double().repeat_interleave(h // hkv, 1).transpose(0, 1)
+            vv = v[sl].double().repeat_interleave(h // hkv, 1).transpose(0, 1)
+            ref.append(F.scaled_dot_product_attention(qq, kk, vv, is_causal=True).transpose(0, 1))
+            start += n
+        ref_o = torch.cat(ref)
+        g = torch.randn_like(ref_o)
+        ref_grads = torch.autograd.grad((ref_o * g).sum(), (q, k, v))
+        for gqa in (False, True):
+            attn.VARLEN_NATIVE_GQA = gqa
+            try:
+                o, _ = attn.varlen_attention_forward(
+                    None,
+                    q.transpose(0, 1)[None],
+                    k.transpose(0, 1)[None],
+                    v.transpose(0, 1)[None],
+                    None,
+                    None,
+                    position_ids=pos,
+                )
+                o = o[0]
+                grads = torch.autograd.grad((o.double() * g).sum(), (q, k, v))
+                err = float((o.double() - ref_o).norm() / ref_o.norm())
+                gerr = [
+                    float((a.double() - b).norm() / b.norm()) for a, b in zip(grads, ref_grads, strict=True)
+                ]
+                out[f"varlen_gqa_native={gqa}"] = {"out_err": err, "grad_err": gerr}
+            except Exception as exc:
+                out[f"varlen_gqa_native={gqa}"] = f"error: {type(exc).__name__}: {exc}"[:300]
+        ok = out.get("varlen_gqa_native=True")
+        attn.VARLEN_NATIVE_GQA = bool(
+            isinstance(ok, dict) and ok["out_err"] < 1e-2 and max(ok["grad_err"]) < 2e-2
+        )
+        out["varlen_native_gqa_ok"] = attn.VARLEN_NATIVE_GQA
+        o, _ = attn.flex_attention_forward(
+            None,
+            q.transpose(0, 1)[None],
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
+            None,
+            None,
+            position_ids=pos,
+        )
+        out["flex_out_err"] = float((o[0].double() - ref_o).norm() / ref_o.norm())
+    except Exception as exc:
+        out["attention_probe_error"] = f"{type(exc).__name__}: {exc}"[:500]
+        traceback.print_exc()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- main
+
+
+def parse_variants(spec: str) -> list[tuple[str, dict[str, Any]]]:
+    """`name:key=val+key=val,name2:` -> [(name, {key: val})]; values int where they parse."""
+    out = []
+    for part in filter(None, spec.split(",")):
+        name, _, kv = part.partition(":")
+        d: dict[str, Any] = {}
+        for item in filter(None, kv.split("+")):
+            k, _, v = item.partition("=")
+            d[k] = int(v) if v.isdigit() else v
+        out.append((name, d))
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {list(CASES)}")
+    p.add_argument("--sides", default="hf,ftpipe", help="hf, ftpipe or both")
+    p.add_argument("--variants", default="default:", help="ftpipe lever overrides: name:key=val+key=val,...")
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--guard", default="llama1b_lora,llama1b_lora_ckpt,llama1b_qlora", help="cases to guard, or ''"
+    )
+    p.add_argument("--hf-optim", default="adamw_torch")
+    p.add_argument("--ftpipe-optim", default="adamw_torch")
+    p.add_argument("--probe", action="store_true", help="only the environment / attention probe")
+    p.add_argument("--json", default=os.environ.get("BENCH_JSON"), help="write all results here")
+    p.add_argument("--deadline", type=float, default=0, help="seconds: start no new run after this (0: none)")
+    args = p.parse_args()
+
+    if not torch.cuda.is_available():
+        log("bench.py needs a CUDA GPU (run it on the GPU machine)")
+        return 2
+    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M"), "argv": sys.argv[1:]}
+    results["env"] = probe()
+    log(json.dumps(results["env"], indent=1))
+
+    def dump() -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+
+    dump()
+    if args.probe:
+        return 0
+    variants = parse_variants(args.variants)
+    rows_cache: dict[str, list] = {}
+    results["runs"] = []
+    for name in filter(None, args.cases.split(",")):
+        case = CASES[name]
+        vocab = SHAPES[case["shape"]]["vocab_size"]
+        rows = rows_cache.setdefault(
+            case["shape"], make_rows((args.warmup + args.steps) * 4, vocab, args.seed)
+        )
+        sides = [s for s in ("hf", "ftpipe") if s in args.sides.split(",")]
+        for side in sides:
+            for vname, ov in variants if side == "ftpipe" else [("hf", {})]:
+                if args.deadline and time.perf_counter() - START > args.deadline:
+                    log(f"== {name} / {side} / {vname}: skipped (deadline)")
+                    continue
+                log(f"== {name} / {side} / {vname} {ov}")
+                try:
+                    r = measure(side, case, rows, args, ov)
+                    r.update(case=name, variant=vname)
+                    log(
+                        f"   {r['tok_s']:,.0f} tok/s  {r['step_ms']:.1f} ms/step  peak {r['peak_gib']:.2f} GiB"
+                        f"  MFU {r['mfu']:.1%}  (build {r['build_s']:.0f}s, train {r['train_wall_s']:.0f}s)"
+                    )
+                except Exception as exc:
+                    traceback.print_exc()
+                    r = {
+                        "case": name,
+                        "side": side,
+                        "variant": vname,
+                        "error": f"{type(exc).__name__}: {exc}"[:800],
+                    }
+                    cleanup()
+                results["runs"].append(r)
+                dump()
+    results["guard"] = []
+    for name in filter(None, args.guard.split(",")):
+        if args.deadline and time.perf_counter() - START > args.deadline:
+            log(f"== guard {name}: skipped (deadline)")
+            continue
+        try:
+            ov = variants[0][1] if variants else {}
+            g = guard(
+                name,
+                rows_cache.get(CASES[name]["shape"])
+                or make_rows(4, SHAPES[CASES[name]["shape"]]["vocab_size"], args.seed),
+                args,
+                ov,
+            )
+        except Exception as exc:
+            traceback.print_exc()
+            g = {"case": name, "pass": False, "error": f"{type(exc).__name__}: {exc}"[:800]}
+            cleanup()
+        log(f"== guard {name}: {json.dumps(g)}")
+        results["guard"].append(g)
+        dump()
+    report(results)
+    dump()
+    return 0
+
+
+def report(results: dict[str, Any]) -> None:
+    runs = [r for r in results.get("runs", []) if "error" not in r]
+    base = {r["case"]: r for r in runs if r["side"] == "hf"}
+    log("\n| case | run | tok/s | peak GiB | MFU | tok/s ÷ HF | peak ÷ HF |")
+    log("|---|---|---|---|---|---|---|")
+    for r in runs:
+        b = base.get(r["case"])
+        ratio = f"{r['tok_s'] / b['tok_s']:.2f}x" if b and r is not b else ""
+        mem = f"{r['peak_gib'] / b['peak_gib']:.2f}x" if b and r is not b else ""
+        label = "HF Trainer + PEFT" if r["side"] == "hf" else f"ftpipe ({r['variant']})"
+        log(
+            f"| {r['case']} | {label} | {r['tok_s']:,.0f} | {r['peak_gib']:.2f} | {r['mfu']:.1%} | {ratio} | {mem} |"
+        )
+    for r in results.get("runs", []):
+        if "error" in r:
+            log(f"| {r['case']} | {r['side']} ({r.get('variant')}) | error: {r['error'][:120]} |")
+    for g in results.get("guard", []):
+        log(f"guard {g['case']}: {'PASS' if g.get('pass') else 'FAIL'} {json.dumps(g)[:400]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""CPU checks of the speed levers that run without a GPU: per-document attention, the fused loss, fused LoRA,
+checkpointing, padding-free batches. The CUDA-only parts (varlen kernel, Liger, offload, compile) are checked by
+the correctness guard in scripts/bench.py on the GPU machine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ftpipe.training import attention as attn
+from ftpipe.training import levers as lv
+from ftpipe.training import speed
+from ftpipe.training.loss import ChunkedLinearCrossEntropy, linear_cross_entropy_sum, shifted_targets
+
+LENGTHS = [[5, 17, 10], [32]]  # two rows of 32 tokens: three documents, then one
+
+
+def _positions() -> torch.Tensor:
+    return torch.stack([torch.cat([torch.arange(n) for n in row]) for row in LENGTHS])
+
+
+def _per_document_sdpa(q, k, v) -> torch.Tensor:
+    """Reference: each document alone through SDPA (causal), grouped heads repeated."""
+    out = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype)
+    rep = q.shape[1] // k.shape[1]
+    for b, row in enumerate(LENGTHS):
+        start = 0
+        for n in row:
+            sl = slice(start, start + n)
+            o = F.scaled_dot_product_attention(
+                q[b, :, sl],
+                k[b, :, sl].repeat_interleave(rep, 0),
+                v[b, :, sl].repeat_interleave(rep, 0),
+                is_causal=True,
+            )
+            out[b, sl] = o.transpose(0, 1)
+            start += n
+    return out
+
+
+def test_document_boundaries() -> None:
+    pos = _positions()
+    cu, longest = attn.cu_seqlens_from_position_ids(pos)
+    assert cu.tolist() == [0, 5, 22, 32, 64] and longest == 32
+    assert attn.document_ids(pos)[0].unique().tolist() == [0, 1, 2]
+
+
+def test_flex_attention_matches_sdpa_per_document() -> None:
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 32, 16)
+    k, v = torch.randn(2, 2, 32, 16), torch.randn(2, 2, 32, 16)
+    out, _ = attn.flex_attention_forward(None, q, k, v, None, scaling=16**-0.5, position_ids=_positions())
+    torch.testing.assert_close(out, _per_document_sdpa(q, k, v), atol=1e-5, rtol=1e-4)
+
+
+def test_shifted_targets_stop_at_document_boundaries() -> None:
+    labels = torch.arange(8)[None]
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2]])
+    assert shifted_targets(labels, pos).tolist() == [[1, 2, -100, 4, -100, 6, 7, -100]]
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_chunked_linear_cross_entropy_matches_full_logits(weight_grad: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(70, 24, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 24, dtype=torch.float64, requires_grad=weight_grad)
+    y = torch.randint(0, 50, (70,))
+    y[::7] = -100
+    loss = ChunkedLinearCrossEntropy.apply(x, w, None, y, 16) / (y != -100).sum()
+    ref = F.cross_entropy(x @ w.T, y, ignore_index=-100)
+    torch.testing.assert_close(loss, ref)
+    grads = torch.autograd.grad(3 * loss, [x, w] if weight_grad else [x])
+    ref_grads = torch.autograd.grad(3 * ref, [x, w] if weight_grad else [x])
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r)
+    assert linear_cross_entropy_sum(x, w, None, y, "torch").item() == pytest.approx(ref.item() * 60)
+
+
+def test_lora_linear_fn_matches_autograd() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    w, bias = torch.randn(8, 12, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    a = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    out = lv.LoraLinearFn.apply(x, w, bias, a, b, 0.25, False)
+    ref = F.linear(x, w, bias) + 0.25 * (x @ a.T) @ b.T
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    for got, want in zip(
+        torch.autograd.grad(out, (x, a, b), g), torch.autograd.grad(ref, (x, a, b), g), strict=True
+    ):
+        torch.testing.assert_close(got, want)
+
+
+def test_cpu_defaults_are_the_plain_path() -> None:
+    levers = lv.resolve({"method": "lora", "speed": {}}, "cpu")
+    assert levers == lv.Levers("sdpa", False, "off", False, False, "none", "fp32", None)
+    assert lv.resolve(
+        {"gradient_checkpointing": True, "speed": {"checkpointing": "offload"}}, "cpu"
+    ).checkpointing == ("full")
+    assert lv.micro_batches(4, 1, 2048, 4096) == (2, 2)
+    assert lv.micro_batches(4, 2, 2048, None) == (4, 2)
+
+
+def _tiny_peft(train_cfg: dict | None):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    kwargs = speed.model_load_kwargs(train_cfg, "cpu") if train_cfg else {"attn_implementation": "sdpa"}
+    kwargs.pop("dtype", None)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(cfg, **kwargs)
+    model.config.use_cache = False
+    if train_cfg:
+        model = speed.patch_model(model, train_cfg, "cpu")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    torch.manual_seed(1)
+    model = get_peft_model(model, lora, **(speed.peft_kwargs(train_cfg, "cpu") if train_cfg else {}))
+    if train_cfg:
+        model = speed.after_peft(model, train_cfg, "cpu")
+    return model
+
+
+def _loss_grads(model, batch):
+    out = model(**batch)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "full"])
+def test_fast_path_matches_plain_path_on_tiny_llama(checkpointing: str) -> None:
+    """Same weights, same packed batch: padding-free row + chunked fused loss +
+    fused LoRA (+ checkpointing) give HF+PEFT's loss and LoRA gradients."""
+    torch.manual_seed(2)
+    pos = _positions()
+    ids = torch.randint(0, 256, pos.shape)
+    labels = ids.clone()
+    labels[pos == 0] = -100
+    plain = _tiny_peft(None)
+    ref_loss, ref_grads = _loss_grads(plain, {"input_ids": ids, "labels": labels, "position_ids": pos})
+    train_cfg = {
+        "method": "lora",
+        "speed": {
+            "attention": "sdpa",  # flex has no CPU backward; sdpa masks per document from position_ids
+            "padding_free": "on",
+            "fused_ce": "torch",
+            "fused_lora": "on",
+            "checkpointing": checkpointing,
+        },
+    }
+    fast = _tiny_peft(train_cfg)
+    rows = [{"input_ids": ids[i], "labels": labels[i], "position_ids": pos[i]} for i in range(2)]
+    batch = speed.collator(train_cfg, "cpu")(rows)
+    assert batch["input_ids"].shape == (1, 64)
+    loss, grads = _loss_grads(fast, batch)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    assert set(grads) == set(ref_grads) and len(grads) == 2 * 7 * 2
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
