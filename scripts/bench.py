@@ -594,6 +594,7 @@ def main() -> int:
     p.add_argument("--ftpipe-optim", default="adamw_torch")
     p.add_argument("--probe", action="store_true", help="only the environment / attention probe")
     p.add_argument("--json", default=os.environ.get("BENCH_JSON"), help="write all results here")
+    p.add_argument("--guard-first", action="store_true", help="run the guard before the timed runs")
     p.add_argument("--deadline", type=float, default=0, help="seconds: start no new run after this (0: none)")
     args = p.parse_args()
 
@@ -614,6 +615,8 @@ def main() -> int:
     variants = parse_variants(args.variants)
     rows_cache: dict[str, list] = {}
     results["runs"] = []
+    if args.guard_first:
+        run_guards(args, variants, rows_cache, results, dump)
     for name in filter(None, args.cases.split(",")):
         case = CASES[name]
         vocab = SHAPES[case["shape"]]["vocab_size"]
@@ -645,7 +648,15 @@ def main() -> int:
                     cleanup()
                 results["runs"].append(r)
                 dump()
-    results["guard"] = []
+    if not args.guard_first:
+        run_guards(args, variants, rows_cache, results, dump)
+    report(results)
+    dump()
+    return 0
+
+
+def run_guards(args, variants, rows_cache, results, dump) -> None:
+    results.setdefault("guard", [])
     for name in filter(None, args.guard.split(",")):
         if args.deadline and time.perf_counter() - START > args.deadline:
             log(f"== guard {name}: skipped (deadline)")
@@ -666,9 +677,6 @@ def main() -> int:
         log(f"== guard {name}: {json.dumps(g)}")
         results["guard"].append(g)
         dump()
-    report(results)
-    dump()
-    return 0
 
 
 def report(results: dict[str, Any]) -> None:

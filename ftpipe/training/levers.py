@@ -163,18 +163,18 @@ class LoraLinearFn(torch.autograd.Function):
         h = x2 @ a.t()
         out = F.linear(x2, w, bias)
         out.addmm_(h, b.t(), alpha=scale)
-        ctx.save_for_backward(x2, h, a, b)
-        ctx.weight, ctx.scale, ctx.quantized, ctx.x_shape = weight, scale, quantized, x.shape
+        ctx.save_for_backward(x2, h, a, b, weight)
+        ctx.scale, ctx.quantized, ctx.x_shape = scale, quantized, x.shape
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple:
-        x2, h, a, b = ctx.saved_tensors
+        x2, h, a, b, weight = ctx.saved_tensors
         d = dy.reshape(-1, dy.shape[-1])
         dh = (d @ b).mul_(ctx.scale)
         dx = None
         if ctx.needs_input_grad[0]:
-            w = _dequantize(ctx.weight) if ctx.quantized else ctx.weight
+            w = _dequantize(weight) if ctx.quantized else weight
             dx = (d @ w).addmm_(dh, a).view(ctx.x_shape)
         da = dh.t() @ x2 if ctx.needs_input_grad[3] else None
         db = (d.t() @ h).mul_(ctx.scale) if ctx.needs_input_grad[4] else None
@@ -201,7 +201,7 @@ def _lora_can_fuse(layer: nn.Module) -> bool:
 
 
 def _fused_lora_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    if args or kwargs or not _lora_can_fuse(self) or not torch.is_grad_enabled():
+    if args or kwargs or not _lora_can_fuse(self):
         return type(self).forward(self, x, *args, **kwargs)
     (name,) = self.active_adapters
     base = self.get_base_layer()
