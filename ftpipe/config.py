@@ -36,6 +36,7 @@ class DatasetConfig:
     truncation: str = "truncate"  # truncate | split: what pack does with a sample longer than max_length
     train_on_inputs: bool = False
     skip_bad_rows: bool = False
+    char_level_answers: bool = False  # tokenise answers one token per character (colour hex codes)
     num_proc: int = 1  # runtime only
 
 
@@ -50,6 +51,7 @@ class TemplateConfig:
     suffix_as_eos: bool = False
     sep: str = ""
     stop_words: list[str] = field(default_factory=list)
+    chat_template: str | None = None  # Jinja; `template=tokenizer` takes the model's own
 
 
 @dataclass
@@ -147,6 +149,20 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
         raise FtpipeError("config keys `train.micro_batch_size` / `train.grad_accum` must be ≥ 1")
     if resolved["dataset"]["max_length"] < 8:
         raise FtpipeError("config key `dataset.max_length` must be at least 8")
+    if resolved["dataset"]["num_proc"] < 1:
+        raise FtpipeError("config key `dataset.num_proc` must be ≥ 1")
+    template = resolved["template"]
+    if template["name"] != "tokenizer" and not template.get("chat_template"):
+        for key in ("system", "instruction"):
+            try:
+                template[key].format(system="", input="", round=1)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise FtpipeError(
+                    f"config key `template.{key}`: {template[key]!r} is not a format string with "
+                    f"{{system}}/{{input}}/{{round}} fields ({exc})"
+                ) from None
+        if "{input}" not in template["instruction"]:
+            raise FtpipeError("config key `template.instruction` must contain {input}")
     return resolved
 
 
