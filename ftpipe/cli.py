@@ -22,9 +22,9 @@ def _hydra_run() -> None:
     from . import app
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
-    def task(cfg) -> None:
+    def task(cfg) -> float | None:
         try:
-            app.run(cfg, Path(HydraConfig.get().runtime.output_dir))
+            return app.run(cfg, Path(HydraConfig.get().runtime.output_dir))
         except FtpipeError as exc:
             log.error("%s", exc)
             sys.exit(1)

@@ -99,6 +99,25 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    task: str = (
+        "auto"  # auto (from the dataset) | colorist | assistant | none: which metrics evaluate-chat computes
+    )
+    inputs: list[str] = field(
+        default_factory=list
+    )  # extra prompts to answer before/after (XTuner evaluation_inputs)
+    max_new_tokens: int = 32
+    max_samples: int = 0  # cap on held-out rows evaluated (0: all)
+    batch_size: int = 16  # in the key: left padding can flip a near-tie in greedy decoding
+
+
+@dataclass
+class ObjectiveConfig:
+    metric: str | None = None  # a run.json metric that `-m` sweeps (Optuna) optimise
+    direction: str = "minimize"
+
+
+@dataclass
 class RootConfig:
     stages: list[str] = field(default_factory=list)
     cache_dir: str = "~/.cache/ftpipe"
@@ -109,6 +128,8 @@ class RootConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
 
 _CHOICES = {
@@ -117,6 +138,8 @@ _CHOICES = {
     "train.method": {"full", "lora", "qlora", "lora8bit"},
     "train.precision": {"auto", "bf16", "fp16", "fp32"},
     "optimizer.scheduler": {"cosine", "linear", "constant"},
+    "eval.task": {"auto", "colorist", "assistant", "none"},
+    "objective.direction": {"minimize", "maximize"},
 }
 
 
