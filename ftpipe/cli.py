@@ -131,7 +131,13 @@ def cmd_cache(args: list[str]) -> None:
         print(f"{verb} {len(removed)} item(s)")
 
 
-VERBS = {"show": cmd_show, "ls": cmd_ls, "cp": cmd_cp, "cache": cmd_cache}
+def cmd_chat(args: list[str]) -> None:
+    from .chat import main as chat_main
+
+    chat_main(args)
+
+
+VERBS = {"show": cmd_show, "ls": cmd_ls, "cp": cmd_cp, "cache": cmd_cache, "chat": cmd_chat}
 
 
 def main() -> None:

@@ -132,6 +132,17 @@ class RootConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
 
+def register_schema() -> None:
+    """Let Hydra compose on top of the typed schema (conf/config.yaml lists `ftpipe_schema` first): every key
+    exists with its default, so `train.precision=bf16` works without `+`, and typos or wrong types fail
+    at composition, naming the key."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="ftpipe_schema", node=RootConfig)
+
+
+register_schema()
+
 _CHOICES = {
     "dataset.format": {"auto", "conversation", "alpaca", "openai", "oasst1", "colors", "pretrain"},
     "dataset.truncation": {"truncate", "split"},
