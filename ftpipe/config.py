@@ -94,18 +94,20 @@ class TrainConfig:
     logging_steps: int = 5
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     gradient_checkpointing: bool = False
+    # answer_only: the LM head runs only where a label is trained (same loss, far less work on short answers)
+    loss: str = "answer_only"  # answer_only | full
+    sample_every: int = 0  # generate replies to the recipe's eval inputs every N steps; 0 = off
+    sample_max_new_tokens: int = 48
     lora: LoraConfig = field(default_factory=LoraConfig)
     num_workers: int = 0  # runtime only
 
 
 @dataclass
 class EvalConfig:
-    task: str = (
-        "auto"  # auto (from the dataset) | colorist | assistant | none: which metrics evaluate-chat computes
-    )
-    inputs: list[str] = field(
-        default_factory=list
-    )  # extra prompts to answer before/after (XTuner evaluation_inputs)
+    # which metrics evaluate-chat computes: auto (from the dataset) | colorist | assistant | none
+    task: str = "auto"
+    # extra prompts answered before/after training (XTuner's evaluation_inputs)
+    inputs: list[str] = field(default_factory=list)
     max_new_tokens: int = 32
     max_samples: int = 0  # cap on held-out rows evaluated (0: all)
     batch_size: int = 16  # in the key: left padding can flip a near-tie in greedy decoding
@@ -115,6 +117,12 @@ class EvalConfig:
 class ObjectiveConfig:
     metric: str | None = None  # a run.json metric that `-m` sweeps (Optuna) optimise
     direction: str = "minimize"
+
+
+@dataclass
+class MergeConfig:
+    max_shard_size: str = "2GB"
+    dtype: str = "auto"  # auto (the base folder's dtype) | fp32 | bf16 | fp16
 
 
 @dataclass
@@ -130,6 +138,7 @@ class RootConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
 
 
 def register_schema() -> None:
@@ -151,6 +160,9 @@ _CHOICES = {
     "optimizer.scheduler": {"cosine", "linear", "constant"},
     "eval.task": {"auto", "colorist", "assistant", "none"},
     "objective.direction": {"minimize", "maximize"},
+    "optimizer.name": {"adamw"},
+    "train.loss": {"answer_only", "full"},
+    "merge.dtype": {"auto", "fp32", "bf16", "fp16"},
 }
 
 
@@ -181,6 +193,7 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
         )
     if train["micro_batch_size"] < 1 or train["grad_accum"] < 1:
         raise FtpipeError("config keys `train.micro_batch_size` / `train.grad_accum` must be ≥ 1")
+    _validate_train(train, resolved["optimizer"])
     if resolved["dataset"]["max_length"] < 8:
         raise FtpipeError("config key `dataset.max_length` must be at least 8")
     if resolved["dataset"]["num_proc"] < 1:
@@ -198,6 +211,36 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
         if "{input}" not in template["instruction"]:
             raise FtpipeError("config key `template.instruction` must contain {input}")
     return resolved
+
+
+def _validate_train(train: dict[str, Any], optimizer: dict[str, Any]) -> None:
+    if train["epochs"] <= 0:
+        raise FtpipeError(f"config key `train.epochs` must be > 0, got {train['epochs']}")
+    if train["max_steps"] is not None and train["max_steps"] < 1:
+        raise FtpipeError(f"config key `train.max_steps` must be ≥ 1 or null, got {train['max_steps']}")
+    for key in ("save_steps", "save_total_limit", "logging_steps"):
+        if train[key] < 1:
+            raise FtpipeError(f"config key `train.{key}` must be ≥ 1, got {train[key]}")
+    if train["sample_every"] < 0:
+        raise FtpipeError("config key `train.sample_every` must be ≥ 0 (0 turns sampling off)")
+    targets = train["lora"]["target_modules"]
+    if not (
+        targets == "all-linear"
+        or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))
+    ):
+        raise FtpipeError(
+            f"config key `train.lora.target_modules` must be 'all-linear' or a list of module names, got {targets!r}"
+        )
+    if train["lora"]["r"] < 1:
+        raise FtpipeError(f"config key `train.lora.r` must be ≥ 1, got {train['lora']['r']}")
+    if optimizer["lr"] <= 0:
+        raise FtpipeError(f"config key `optimizer.lr` must be > 0, got {optimizer['lr']}")
+    if not 0 <= optimizer["warmup_ratio"] < 1:
+        raise FtpipeError(
+            f"config key `optimizer.warmup_ratio` must be in [0, 1), got {optimizer['warmup_ratio']}"
+        )
+    if len(optimizer["betas"]) != 2:
+        raise FtpipeError(f"config key `optimizer.betas` must hold two numbers, got {optimizer['betas']}")
 
 
 def compose(overrides: list[str], config_dir: str | None = None) -> DictConfig:

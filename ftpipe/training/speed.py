@@ -1,0 +1,40 @@
+"""Per-device performance choices, kept in three small functions so GPU levers can be added in one place.
+
+`model_load_kwargs` feeds `from_pretrained`, `patch_model` runs on the loaded model before PEFT wraps it,
+`peft_kwargs` feeds `get_peft_model`. Each must keep the numbers the plain HF path computes (tests compare).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .devices import compute_dtype
+
+
+def model_load_kwargs(train_cfg: dict[str, Any], device: str) -> dict[str, Any]:
+    """Attention kernel and the dtype the (frozen or trained) weights are loaded in."""
+    # sdpa builds the per-document causal mask from restarting position_ids (padding-free packed rows).
+    kwargs: dict[str, Any] = {"attn_implementation": "sdpa"}
+    dtype = compute_dtype(train_cfg, device)
+    if train_cfg["method"] in {"lora", "lora8bit"} and dtype != torch.float32 and device == "cuda":
+        # Frozen base weights are never updated, so storing them in the compute dtype loses nothing
+        # and halves memory; trained weights (full fine-tuning) stay fp32 masters under autocast.
+        kwargs["dtype"] = dtype
+    else:
+        kwargs["dtype"] = torch.float32
+    return kwargs
+
+
+def patch_model(model: torch.nn.Module, train_cfg: dict[str, Any], device: str) -> torch.nn.Module:
+    """Swap in faster modules/kernels after loading; on CPU the stock model is already the fastest we have."""
+    if train_cfg["gradient_checkpointing"]:
+        # Non-reentrant checkpointing works with frozen inputs (LoRA) without enable_input_require_grads.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def peft_kwargs(train_cfg: dict[str, Any], device: str) -> dict[str, Any]:
+    """Extra arguments for `get_peft_model`; fp32 adapters (PEFT's default) are the safe baseline."""
+    return {}
