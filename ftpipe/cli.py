@@ -22,9 +22,9 @@ def _hydra_run() -> None:
     from . import app
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
-    def task(cfg) -> None:
+    def task(cfg) -> float | None:
         try:
-            app.run(cfg, Path(HydraConfig.get().runtime.output_dir))
+            return app.run(cfg, Path(HydraConfig.get().runtime.output_dir))
         except FtpipeError as exc:
             log.error("%s", exc)
             sys.exit(1)
@@ -131,7 +131,13 @@ def cmd_cache(args: list[str]) -> None:
         print(f"{verb} {len(removed)} item(s)")
 
 
-VERBS = {"show": cmd_show, "ls": cmd_ls, "cp": cmd_cp, "cache": cmd_cache}
+def cmd_chat(args: list[str]) -> None:
+    from .chat import main as chat_main
+
+    chat_main(args)
+
+
+VERBS = {"show": cmd_show, "ls": cmd_ls, "cp": cmd_cp, "cache": cmd_cache, "chat": cmd_chat}
 
 
 def main() -> None:

@@ -36,6 +36,7 @@ class DatasetConfig:
     truncation: str = "truncate"  # truncate | split: what pack does with a sample longer than max_length
     train_on_inputs: bool = False
     skip_bad_rows: bool = False
+    char_level_answers: bool = False  # tokenise answers one token per character (colour hex codes)
     num_proc: int = 1  # runtime only
 
 
@@ -50,6 +51,7 @@ class TemplateConfig:
     suffix_as_eos: bool = False
     sep: str = ""
     stop_words: list[str] = field(default_factory=list)
+    chat_template: str | None = None  # Jinja; `template=tokenizer` takes the model's own
 
 
 @dataclass
@@ -86,13 +88,13 @@ class SpeedConfig:
     on the CPU every lever resolves to the plain path (docs/performance.md has the measurements)."""
 
     attention: str = "auto"  # auto | sdpa | varlen | flex: per-document causal attention on packed rows
-    padding_free: str = "auto"  # auto | on | off: concatenate a micro-batch's packed rows into one row
     fused_ce: str = "auto"  # auto | liger | torch | off: linear + cross-entropy without the full logits
     compile: str = "auto"  # auto | on | off: torch.compile each decoder layer
     fused_lora: str = "auto"  # auto | on | off: one autograd function per LoRA linear (base + A/B)
     checkpointing: str = "auto"  # auto | none | full | offload | selective
     adapter_dtype: str = "auto"  # auto | bf16 | fp32: LoRA weights' dtype (bf16 skips autocast copies)
-    tokens_per_micro_batch: int | None = None  # split micro-batches to about this many tokens (grad accum)
+    # micro-batches of about this many tokens (rows per optimizer step kept, via grad accumulation)
+    tokens_per_micro_batch: int | None = None
 
 
 @dataclass
@@ -107,9 +109,36 @@ class TrainConfig:
     logging_steps: int = 5
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
     gradient_checkpointing: bool = False
+    # answer_only: the LM head runs only where a label is trained (same loss, far less work on short answers)
+    loss: str = "answer_only"  # answer_only | full
+    sample_every: int = 0  # generate replies to the recipe's eval inputs every N steps; 0 = off
+    sample_max_new_tokens: int = 48
     lora: LoraConfig = field(default_factory=LoraConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     num_workers: int = 0  # runtime only
+
+
+@dataclass
+class EvalConfig:
+    # which metrics evaluate-chat computes: auto (from the dataset) | colorist | assistant | none
+    task: str = "auto"
+    # extra prompts answered before/after training (XTuner's evaluation_inputs)
+    inputs: list[str] = field(default_factory=list)
+    max_new_tokens: int = 32
+    max_samples: int = 0  # cap on held-out rows evaluated (0: all)
+    batch_size: int = 16  # in the key: left padding can flip a near-tie in greedy decoding
+
+
+@dataclass
+class ObjectiveConfig:
+    metric: str | None = None  # a run.json metric that `-m` sweeps (Optuna) optimise
+    direction: str = "minimize"
+
+
+@dataclass
+class MergeConfig:
+    max_shard_size: str = "2GB"
+    dtype: str = "auto"  # auto (the base folder's dtype) | fp32 | bf16 | fp16
 
 
 @dataclass
@@ -123,7 +152,21 @@ class RootConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
 
+
+def register_schema() -> None:
+    """Let Hydra compose on top of the typed schema (conf/config.yaml lists `ftpipe_schema` first): every key
+    exists with its default, so `train.precision=bf16` works without `+`, and typos or wrong types fail
+    at composition, naming the key."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="ftpipe_schema", node=RootConfig)
+
+
+register_schema()
 
 _CHOICES = {
     "dataset.format": {"auto", "conversation", "alpaca", "openai", "oasst1", "colors", "pretrain"},
@@ -132,12 +175,16 @@ _CHOICES = {
     "train.precision": {"auto", "bf16", "fp16", "fp32"},
     "optimizer.scheduler": {"cosine", "linear", "constant"},
     "train.speed.attention": {"auto", "sdpa", "varlen", "flex"},
-    "train.speed.padding_free": {"auto", "on", "off"},
     "train.speed.fused_ce": {"auto", "liger", "torch", "off"},
     "train.speed.compile": {"auto", "on", "off"},
     "train.speed.fused_lora": {"auto", "on", "off"},
     "train.speed.checkpointing": {"auto", "none", "full", "offload", "selective"},
     "train.speed.adapter_dtype": {"auto", "bf16", "fp32"},
+    "eval.task": {"auto", "colorist", "assistant", "none"},
+    "objective.direction": {"minimize", "maximize"},
+    "optimizer.name": {"adamw"},
+    "train.loss": {"answer_only", "full"},
+    "merge.dtype": {"auto", "fp32", "bf16", "fp16"},
 }
 
 
@@ -169,9 +216,54 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
         )
     if train["micro_batch_size"] < 1 or train["grad_accum"] < 1:
         raise FtpipeError("config keys `train.micro_batch_size` / `train.grad_accum` must be ≥ 1")
+    _validate_train(train, resolved["optimizer"])
     if resolved["dataset"]["max_length"] < 8:
         raise FtpipeError("config key `dataset.max_length` must be at least 8")
+    if resolved["dataset"]["num_proc"] < 1:
+        raise FtpipeError("config key `dataset.num_proc` must be ≥ 1")
+    template = resolved["template"]
+    if template["name"] != "tokenizer" and not template.get("chat_template"):
+        for key in ("system", "instruction"):
+            try:
+                template[key].format(system="", input="", round=1)
+            except (KeyError, IndexError, ValueError) as exc:
+                raise FtpipeError(
+                    f"config key `template.{key}`: {template[key]!r} is not a format string with "
+                    f"{{system}}/{{input}}/{{round}} fields ({exc})"
+                ) from None
+        if "{input}" not in template["instruction"]:
+            raise FtpipeError("config key `template.instruction` must contain {input}")
     return resolved
+
+
+def _validate_train(train: dict[str, Any], optimizer: dict[str, Any]) -> None:
+    if train["epochs"] <= 0:
+        raise FtpipeError(f"config key `train.epochs` must be > 0, got {train['epochs']}")
+    if train["max_steps"] is not None and train["max_steps"] < 1:
+        raise FtpipeError(f"config key `train.max_steps` must be ≥ 1 or null, got {train['max_steps']}")
+    for key in ("save_steps", "save_total_limit", "logging_steps"):
+        if train[key] < 1:
+            raise FtpipeError(f"config key `train.{key}` must be ≥ 1, got {train[key]}")
+    if train["sample_every"] < 0:
+        raise FtpipeError("config key `train.sample_every` must be ≥ 0 (0 turns sampling off)")
+    targets = train["lora"]["target_modules"]
+    if not (
+        targets == "all-linear"
+        or (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))
+    ):
+        raise FtpipeError(
+            f"config key `train.lora.target_modules` must be 'all-linear' or a list of module names, got {targets!r}"
+        )
+    if train["lora"]["r"] < 1:
+        raise FtpipeError(f"config key `train.lora.r` must be ≥ 1, got {train['lora']['r']}")
+    if optimizer["lr"] <= 0:
+        raise FtpipeError(f"config key `optimizer.lr` must be > 0, got {optimizer['lr']}")
+    if not 0 <= optimizer["warmup_ratio"] < 1:
+        raise FtpipeError(
+            f"config key `optimizer.warmup_ratio` must be in [0, 1), got {optimizer['warmup_ratio']}"
+        )
+    if len(optimizer["betas"]) != 2:
+        raise FtpipeError(f"config key `optimizer.betas` must hold two numbers, got {optimizer['betas']}")
 
 
 def compose(overrides: list[str], config_dir: str | None = None) -> DictConfig:

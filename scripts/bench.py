@@ -93,6 +93,7 @@ CASES: dict[str, dict[str, Any]] = {
 LORA = dict(r=64, alpha=16, dropout=0.0)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # = all-linear
 ROW = 2048
+COLS = ("input_ids", "labels", "position_ids")
 START = time.perf_counter()
 PEAK_TFLOPS = 989.0  # H100 SXM dense bf16, the usual MFU denominator
 
@@ -123,7 +124,8 @@ def make_rows(n_rows: int, vocab: int, seed: int, row: int = ROW) -> list[dict[s
 
 class Rows(torch.utils.data.Dataset):
     def __init__(self, rows: list[dict[str, Any]]) -> None:
-        self.rows = [{k: v for k, v in r.items() if k != "doc_lengths"} for r in rows]
+        # Python lists, as the packed Arrow dataset hands them to the collator
+        self.rows = [{k: r[k].tolist() for k in COLS} for r in rows]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -142,54 +144,22 @@ def model_config(shape: str) -> Any:
     return AutoConfig.for_model(spec.pop("model_type"), **spec)
 
 
-def quantize_nf4(model: nn.Module) -> nn.Module:
-    """Swap the decoder's nn.Linear layers for bitsandbytes nf4 (double quant, bf16 compute): the modules
-    `from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...))` builds."""
-    import bitsandbytes as bnb
-
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if type(child) is not nn.Linear or child_name == "lm_head":
-                continue
-            q = bnb.nn.Linear4bit(
-                child.in_features,
-                child.out_features,
-                bias=child.bias is not None,
-                compute_dtype=torch.bfloat16,
-                compress_statistics=True,
-                quant_type="nf4",
-                device="meta",
-            )
-            w = bnb.nn.Params4bit(
-                child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4", module=q
-            )
-            q.weight = w._quantize(child.weight.device)
-            if child.bias is not None:
-                q.bias = nn.Parameter(child.bias.data, requires_grad=False)
-            setattr(module, child_name, q)
-            del child
-    model.is_loaded_in_4bit = True
-    torch.cuda.empty_cache()
-    return model
-
-
-def build_model(shape: str, method: str, seed: int, load_kwargs: dict[str, Any] | None = None) -> nn.Module:
+def model_dir(shape: str, seed: int) -> Path:
+    """A random-init checkpoint of `shape` on local disk (bf16 safetensors), written once per run: both sides
+    load it with `from_pretrained`, as they would a downloaded model (QLoRA quantizes while loading)."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = dict(load_kwargs or {})
-    kwargs.setdefault("dtype", torch.bfloat16)
-    kwargs.setdefault("attn_implementation", "sdpa")
-    torch.manual_seed(seed)
-    with torch.device("cuda"):
-        try:
-            model = AutoModelForCausalLM.from_config(model_config(shape), **kwargs)
-        except ValueError:  # an attention name this transformers rejects at load: patch_model sets it after
-            kwargs["attn_implementation"] = "sdpa"
-            torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(model_config(shape), **kwargs)
-    if method == "qlora":
-        quantize_nf4(model)
-    return model
+    path = Path(tempfile.gettempdir()) / f"bench-{shape}-{seed}"
+    if not (path / "config.json").exists():
+        t0 = time.perf_counter()
+        torch.manual_seed(seed)
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(model_config(shape), dtype=torch.bfloat16)
+        model.save_pretrained(path, max_shard_size="20GB")
+        del model
+        cleanup()
+        log(f"   wrote {path} in {time.perf_counter() - t0:.0f}s")
+    return path
 
 
 def lora_config(init_random: bool = False) -> Any:
@@ -205,44 +175,57 @@ def lora_config(init_random: bool = False) -> Any:
     )
 
 
-def hf_model(case: dict[str, Any], seed: int, init_random: bool = False) -> nn.Module:
-    """HF + PEFT as a user sets it up: bf16 model (sdpa), PEFT LoRA (fp32 adapters, its default); for QLoRA
-    also `prepare_model_for_kbit_training`. No KV cache in training (else packed rows attend across docs)."""
+def hf_model(case: dict[str, Any], path: Path, init_random: bool = False) -> nn.Module:
+    """HF + PEFT as a user sets it up: `from_pretrained` in bf16 (sdpa), PEFT LoRA (fp32 adapters, its
+    default); QLoRA: BitsAndBytesConfig nf4 + double quant + `prepare_model_for_kbit_training`. No KV cache in
+    training (with one, packed rows attend across documents)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    model = build_model(case["shape"], case["method"], seed)
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16, "attn_implementation": "sdpa", "device_map": {"": 0}}
+    if case["method"] == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False
     if case["method"] == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=case["ckpt"])
     return get_peft_model(model, lora_config(init_random))
 
 
-def ftpipe_train_cfg(case: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "method": case["method"],
-        "gradient_checkpointing": case["ckpt"],
-        "micro_batch_size": case["batch"],
-        "lora": {
-            "r": LORA["r"],
-            "alpha": LORA["alpha"],
-            "dropout": LORA["dropout"],
-            "target_modules": TARGETS,
-        },
-        "speed": dict(overrides),
-    }
+def ftpipe_cfg(case: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config slice the train stage reads (schema defaults + this case)."""
+    from dataclasses import asdict
+
+    from ftpipe.config import OptimizerConfig, TrainConfig
+
+    train = asdict(TrainConfig())
+    train.update(
+        method=case["method"],
+        micro_batch_size=case["batch"],
+        grad_accum=1,
+        gradient_checkpointing=case["ckpt"],
+        save_steps=10**6,
+        logging_steps=10**6,
+    )
+    train["lora"] = {**train["lora"], "r": LORA["r"], "alpha": LORA["alpha"], "dropout": LORA["dropout"]}
+    train["lora"]["target_modules"] = list(TARGETS)
+    speed_over = {k: v for k, v in overrides.items() if k in train["speed"]}
+    train["speed"] = {**train["speed"], **speed_over}
+    opt = asdict(OptimizerConfig())
+    opt.update(lr=2e-4, scheduler="constant", warmup_ratio=0.0)
+    return {"train": train, "optimizer": opt, "seed": 0}
 
 
-def ftpipe_model(case: dict[str, Any], seed: int, train_cfg: dict[str, Any], init_random: bool = False):
-    """ftpipe's train-stage path: the speed hooks around model loading and PEFT."""
-    from peft import get_peft_model
+def ftpipe_model(case: dict[str, Any], path: Path, cfg: dict[str, Any]) -> nn.Module:
+    """ftpipe's train stage: load_for_training (from_pretrained with the speed hooks, PEFT, after_peft)."""
+    from ftpipe.training.model import load_for_training
 
-    from ftpipe.training import speed
-
-    dev = torch.device("cuda")
-    model = build_model(case["shape"], case["method"], seed, speed.model_load_kwargs(train_cfg, dev))
-    model = speed.patch_model(model, train_cfg, dev)
-    model = get_peft_model(model, lora_config(init_random), **speed.peft_kwargs(train_cfg, dev))
-    return speed.after_peft(model, train_cfg, dev)
+    return load_for_training(path, cfg["train"], "cuda")
 
 
 # ------------------------------------------------------------------------------------------------------ flops
@@ -267,11 +250,15 @@ def flops_per_token(case: dict[str, Any], rows: list[dict[str, Any]]) -> float:
 
 
 class StepTimer:
-    """Wall time between consecutive optimizer steps, with the GPU drained at each boundary."""
+    """Wall time between consecutive optimizer steps, with the GPU drained at each boundary; optionally a
+    torch.profiler table of the GPU kernels of two steps (`profile_at`: the first profiled step)."""
 
-    def __init__(self) -> None:
+    def __init__(self, profile_at: int | None = None) -> None:
         self.times: list[float] = []
         self.last = 0.0
+        self.profile_at = profile_at
+        self.prof: Any = None
+        self.profile: dict[str, Any] | None = None
 
     def callback(self) -> Any:
         from transformers import TrainerCallback
@@ -283,56 +270,99 @@ class StepTimer:
                 torch.cuda.synchronize()
                 timer.last = time.perf_counter()
 
+            def on_step_begin(self, args, state, control, **kw):
+                if timer.profile_at is not None and state.global_step == timer.profile_at:
+                    from torch.profiler import ProfilerActivity, profile
+
+                    timer.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                    timer.prof.__enter__()
+
             def on_step_end(self, args, state, control, **kw):
                 torch.cuda.synchronize()
                 now = time.perf_counter()
                 timer.times.append(now - timer.last)
+                if timer.prof is not None and state.global_step == timer.profile_at + 2:
+                    timer.prof.__exit__(None, None, None)
+                    timer.profile = summarize_profile(timer.prof, now - timer.last + timer.times[-2])
+                    timer.prof = None
+                    now = time.perf_counter()  # the profiler's teardown is not a step
                 timer.last = now
 
         return _CB()
 
 
-def train_steps(
-    model: nn.Module,
-    rows: list[dict[str, Any]],
-    batch: int,
-    steps: int,
-    ckpt: bool,
-    collator: Any,
-    extra_args: dict[str, Any],
-    optim: str,
-) -> StepTimer:
+def summarize_profile(prof: Any, wall_s: float) -> dict[str, Any]:
+    """GPU time by kernel over the profiled steps, and how busy the GPU was (vs the steps' wall time)."""
+    try:
+        rows = []
+        for evt in prof.key_averages():
+            t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0) or 0
+            self_t = (
+                getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0) or 0
+            )
+            if self_t:
+                rows.append((evt.key, self_t / 1e3, evt.count, t / 1e3))
+        rows.sort(key=lambda r: -r[1])
+        busy = sum(r[1] for r in rows)
+        return {
+            "wall_ms": wall_s * 1e3,
+            "gpu_busy_ms": busy,
+            "top": [{"kernel": k[:120], "self_ms": round(ms, 2), "calls": n} for k, ms, n, _ in rows[:45]],
+        }
+    except Exception as exc:  # a diagnostic only
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+def hf_trainer(model: nn.Module, rows, case: dict[str, Any], steps: int, timer: StepTimer, optim: str | None):
     from transformers import Trainer, TrainingArguments, default_data_collator
 
-    timer = StepTimer()
     args = dict(
         output_dir=tempfile.mkdtemp(prefix="bench-"),
-        per_device_train_batch_size=batch,
+        per_device_train_batch_size=case["batch"],
         max_steps=steps,
         learning_rate=2e-4,
         lr_scheduler_type="constant",
         bf16=True,
-        gradient_checkpointing=ckpt,
+        gradient_checkpointing=case["ckpt"],
         logging_steps=10**6,
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
-        dataloader_num_workers=0,
         remove_unused_columns=False,
-        optim=optim,
         seed=0,
     )
-    args.update(extra_args)
-    trainer = Trainer(
+    if optim:
+        args["optim"] = optim
+    return Trainer(
         model=model,
         args=TrainingArguments(**args),
         train_dataset=Rows(rows),
-        data_collator=collator or default_data_collator,
+        data_collator=default_data_collator,
         callbacks=[timer.callback()],
     )
-    trainer.train()
-    del trainer
-    return timer
+
+
+def ftpipe_trainer(model: nn.Module, rows, cfg: dict[str, Any], steps: int, timer: StepTimer):
+    """The train stage's Trainer: its TrainingArguments, PackedCollator (padding-free) and FtTrainer."""
+    import dataclasses
+
+    from ftpipe.stages.train import training_arguments
+    from ftpipe.training import speed
+    from ftpipe.training.collator import PackedCollator
+    from ftpipe.training.trainer import FtTrainer
+
+    cfg = {**cfg, "train": {**cfg["train"], "max_steps": steps}}
+    args = training_arguments(cfg, tempfile.mkdtemp(prefix="bench-"), "cuda", "bf16", ROW)
+    args = dataclasses.replace(args, disable_tqdm=True, save_strategy="no")
+    return FtTrainer(
+        model=model,
+        args=args,
+        train_dataset=Rows(rows),
+        data_collator=PackedCollator(),
+        callbacks=[timer.callback()],
+        loss_mode=speed.loss_mode(cfg["train"], "cuda"),
+        device="cuda",
+    )
 
 
 def cleanup() -> None:
@@ -340,46 +370,83 @@ def cleanup() -> None:
     torch.cuda.empty_cache()
 
 
+def saved_activations(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """GPU memory held after a training forward, before backward (what the layers saved), in GiB: total and
+    per decoder layer (median delta), to see what checkpointing / recompute choices keep."""
+    from ftpipe.training.levers import decoder_stack
+
+    deltas: list[int] = []
+    last = [0]
+
+    def hook(*_: Any) -> None:
+        now = torch.cuda.memory_allocated()
+        deltas.append(now - last[0])
+        last[0] = now
+
+    handles = [layer.register_forward_hook(hook) for layer in decoder_stack(model).layers]
+    model.train()
+    batch = {k: v.cuda() for k, v in batch.items()}
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    last[0] = base
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(**batch)
+    held = torch.cuda.memory_allocated() - base
+    for h in handles:
+        h.remove()
+    del out
+    cleanup()
+    return {
+        "forward_held_gib": held / 2**30,
+        "per_layer_gib": statistics.median(deltas[1:] or deltas) / 2**30,
+    }
+
+
 def measure(side: str, case: dict[str, Any], rows, args, overrides: dict[str, Any] | None = None) -> dict:
-    from ftpipe.training import speed
+    from ftpipe.training.collator import PackedCollator
 
     cleanup()
-    t0 = time.perf_counter()
-    if side == "hf":
-        model = hf_model(case, args.seed)
-        collator, extra, optim = None, {}, args.hf_optim
-    else:
-        cfg = ftpipe_train_cfg(case, overrides or {})
-        model = ftpipe_model(case, args.seed, cfg)
-        dev = torch.device("cuda")
-        collator = speed.collator(cfg, dev)
-        extra = speed.training_args_overrides(cfg, dev)
-        optim = (overrides or {}).get("optim", args.ftpipe_optim)
-    build_s = time.perf_counter() - t0
-    torch.cuda.reset_peak_memory_stats()
+    path = model_dir(case["shape"], args.seed)
     steps = args.warmup + args.steps
     n_rows = steps * case["batch"]
+    timer = StepTimer(profile_at=steps - 2 if args.profile and side == "ftpipe" else None)
+    t0 = time.perf_counter()
+    if side == "hf":
+        model = hf_model(case, path)
+        trainer = hf_trainer(model, rows[:n_rows], case, steps, timer, args.hf_optim)
+    else:
+        cfg = ftpipe_cfg(case, overrides or {})
+        model = ftpipe_model(case, path, cfg)
+        trainer = ftpipe_trainer(model, rows[:n_rows], cfg, steps, timer)
+    build_s = time.perf_counter() - t0
+    cleanup()
+    torch.cuda.reset_peak_memory_stats()
     t1 = time.perf_counter()
-    timer = train_steps(model, rows[:n_rows], case["batch"], steps, case["ckpt"], collator, extra, optim)
+    trainer.train()
     wall = time.perf_counter() - t1
     peak = torch.cuda.max_memory_allocated() / 2**30
     reserved = torch.cuda.max_memory_reserved() / 2**30
+    mem: dict[str, float] = {}
+    if args.memory:
+        try:
+            if side == "hf":
+                one = {k: torch.stack([torch.as_tensor(r[k]) for r in rows[: case["batch"]]]) for k in COLS}
+            else:
+                one = PackedCollator()(rows[: case["batch"]])
+            mem = saved_activations(model, one)
+        except Exception as exc:  # a diagnostic: never fail the run for it
+            mem = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     measured = timer.times[args.warmup :]
     med = statistics.median(measured)
     tokens = case["batch"] * ROW
     tps = tokens / med
     fpt = flops_per_token(case, rows[:n_rows])
-    del model
+    del trainer, model
     cleanup()
     from torch._dynamo.utils import counters
 
-    compiled = {
-        "unique_graphs": counters["stats"].get("unique_graphs", 0),
-        "graph_breaks": dict(counters["graph_break"]),
-    }
     return {
         "side": side,
-        "dynamo": compiled,
         "tok_s": tps,
         "step_ms": med * 1e3,
         "step_ms_all": [t * 1e3 for t in timer.times],
@@ -390,6 +457,12 @@ def measure(side: str, case: dict[str, Any], rows, args, overrides: dict[str, An
         "build_s": build_s,
         "train_wall_s": wall,
         "overrides": overrides or {},
+        "memory": mem,
+        "profile": timer.profile,
+        "dynamo": {
+            "unique_graphs": counters["stats"].get("unique_graphs", 0),
+            "graph_breaks": sum(counters["graph_break"].values()),
+        },
     }
 
 
@@ -420,35 +493,37 @@ def _rel(g: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> tuple[floa
 
 def guard(case_name: str, rows, args, overrides: dict[str, Any]) -> dict[str, Any]:
     """Same weights, same batch: loss and LoRA gradients of (1) HF+PEFT as the user runs it (bf16 autocast,
-    fp32 adapters), (2) ftpipe's fast path, against (0) the same model in fp32. Pass: ftpipe's error vs fp32
-    is within bf16 tolerance, i.e. at most twice HF's own error (or 2e-2) and its gradients point the same way."""
+    fp32 adapters), (2) ftpipe's train-stage path with its levers, against (0) the same model in fp32. Pass:
+    ftpipe's error vs fp32 is within bf16 tolerance (at most twice HF's own error, or 2e-2) and its gradients
+    point the same way. QLoRA has no fp32 twin: there ftpipe is compared with HF's QLoRA directly."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    from ftpipe.training import speed
+    from ftpipe.training.collator import PackedCollator
 
     case = dict(CASES[case_name])
+    path = model_dir(case["shape"], args.seed)
     batch_rows = rows[: case["batch"]]
-    padded = {k: torch.stack([r[k] for r in batch_rows]) for k in ("input_ids", "labels", "position_ids")}
+    padded = {k: torch.stack([r[k] for r in batch_rows]) for k in COLS}
     cleanup()
-    hf = hf_model(case, args.seed, init_random=True)
+    hf = hf_model(case, path, init_random=True)
     if case["ckpt"]:
         hf.gradient_checkpointing_enable()
         hf.enable_input_require_grads()
     adapters = {k: v.detach().clone() for k, v in get_peft_model_state_dict(hf).items()}
     hf_loss, hf_grads = _loss_and_grads(hf, padded, autocast=True)
     ref_loss = ref_grads = None
-    if case["method"] != "qlora":  # a 4-bit model has no fp32 twin; compare ftpipe with HF directly
+    if case["method"] != "qlora":
         hf.float()
         ref_loss, ref_grads = _loss_and_grads(hf, padded, autocast=False)
     del hf
     cleanup()
-    cfg = ftpipe_train_cfg(case, overrides)
-    dev = torch.device("cuda")
-    fast = ftpipe_model(case, args.seed, cfg, init_random=True)
-    set_peft_model_state_dict(fast, {k: v.to(torch.bfloat16) for k, v in adapters.items()})
-    collate = speed.collator(cfg, dev)
-    fast_batch = collate(batch_rows) if collate else padded
-    fast_loss, fast_grads = _loss_and_grads(fast, fast_batch, autocast=True)
+    cfg = ftpipe_cfg(case, overrides)
+    fast = ftpipe_model(case, path, cfg)
+    dtype = next(p for n, p in fast.named_parameters() if "lora_A" in n).dtype
+    set_peft_model_state_dict(fast, {k: v.to(dtype) for k, v in adapters.items()})
+    fast_loss, fast_grads = _loss_and_grads(
+        fast, PackedCollator()([{k: r[k].tolist() for k in COLS} for r in batch_rows]), autocast=True
+    )
     del fast
     cleanup()
     res: dict[str, Any] = {
@@ -590,8 +665,9 @@ def main() -> int:
     p.add_argument(
         "--guard", default="llama1b_lora,llama1b_lora_ckpt,llama1b_qlora", help="cases to guard, or ''"
     )
-    p.add_argument("--hf-optim", default="adamw_torch")
-    p.add_argument("--ftpipe-optim", default="adamw_torch")
+    p.add_argument("--hf-optim", default=None, help="HF side optimizer (default: TrainingArguments' default)")
+    p.add_argument("--profile", action="store_true", help="torch.profiler table of two ftpipe steps")
+    p.add_argument("--memory", action="store_true", help="activation memory held after a forward")
     p.add_argument("--probe", action="store_true", help="only the environment / attention probe")
     p.add_argument("--json", default=os.environ.get("BENCH_JSON"), help="write all results here")
     p.add_argument("--guard-first", action="store_true", help="run the guard before the timed runs")

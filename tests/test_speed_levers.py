@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from ftpipe.training import attention as attn
 from ftpipe.training import levers as lv
 from ftpipe.training import speed
+from ftpipe.training.collator import PackedCollator
 from ftpipe.training.loss import ChunkedLinearCrossEntropy, linear_cross_entropy_sum, shifted_targets
 
 LENGTHS = [[5, 17, 10], [32]]  # two rows of 32 tokens: three documents, then one
@@ -83,7 +84,7 @@ def test_lora_linear_fn_matches_autograd() -> None:
     w, bias = torch.randn(8, 12, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
     a = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
     b = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
-    out = lv.LoraLinearFn.apply(x, w, bias, a, b, 0.25, False)
+    out = lv.LoraLinearFn.apply(x, w, bias, a, b, 0.25)
     ref = F.linear(x, w, bias) + 0.25 * (x @ a.T) @ b.T
     torch.testing.assert_close(out, ref)
     g = torch.randn_like(ref)
@@ -93,9 +94,35 @@ def test_lora_linear_fn_matches_autograd() -> None:
         torch.testing.assert_close(got, want)
 
 
+def test_lora_4bit_fn_matches_dequantized_reference() -> None:
+    """The QLoRA path: bitsandbytes nf4 (double quant) dequantized through its torch ops (CPU backend here)."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    torch.manual_seed(0)
+    w = torch.randn(48, 64, dtype=torch.bfloat16)
+    q, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    meta = (qs.blocksize, qs.state2.blocksize, qs.quant_type, tuple(qs.shape), torch.bfloat16)
+    quant = (q, qs.absmax, qs.state2.absmax, qs.state2.code, torch.as_tensor(qs.offset))
+    wd = bnbf.dequantize_4bit(q, qs).float()
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    a = torch.randn(4, 64, requires_grad=True)
+    b = torch.randn(48, 4, requires_grad=True)
+    with torch.autocast("cpu", enabled=False):
+        out = lv.Lora4bitFn.apply(x.bfloat16(), *quant, None, a.bfloat16(), b.bfloat16(), 0.5, meta)
+    ref = x @ wd.T + 0.5 * (x @ a.T) @ b.T
+    assert ((out.float() - ref).norm() / ref.norm()) < 1e-2
+    g = torch.randn_like(ref)
+    xb, ab, bb = (t.detach().bfloat16().requires_grad_() for t in (x, a, b))
+    got = torch.autograd.grad(
+        lv.Lora4bitFn.apply(xb, *quant, None, ab, bb, 0.5, meta), (xb, ab, bb), g.bfloat16()
+    )
+    want = torch.autograd.grad(ref, (x, a, b), g)
+    for gg, ww in zip(got, want, strict=True):
+        assert ((gg.float() - ww).norm() / ww.norm()) < 2e-2
+
+
 def test_cpu_defaults_are_the_plain_path() -> None:
     levers = lv.resolve({"method": "lora", "speed": {}}, "cpu")
-    assert levers == lv.Levers("sdpa", False, "off", False, False, "none", "fp32", None)
+    assert levers == lv.Levers("sdpa", "off", False, False, "none", "fp32", None)
     assert lv.resolve(
         {"gradient_checkpointing": True, "speed": {"checkpointing": "offload"}}, "cpu"
     ).checkpointing == ("full")
@@ -117,7 +144,7 @@ def _tiny_peft(train_cfg: dict | None):
         max_position_embeddings=256,
     )
     kwargs = speed.model_load_kwargs(train_cfg, "cpu") if train_cfg else {"attn_implementation": "sdpa"}
-    kwargs.pop("dtype", None)
+    assert kwargs.pop("dtype", torch.float32) == torch.float32
     torch.manual_seed(0)
     model = LlamaForCausalLM._from_config(cfg, **kwargs)
     model.config.use_cache = False
@@ -137,7 +164,7 @@ def _loss_grads(model, batch):
     return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("checkpointing", ["none", "full"])
+@pytest.mark.parametrize("checkpointing", ["none", "full", "selective"])
 def test_fast_path_matches_plain_path_on_tiny_llama(checkpointing: str) -> None:
     """Same weights, same packed batch: padding-free row + chunked fused loss +
     fused LoRA (+ checkpointing) give HF+PEFT's loss and LoRA gradients."""
@@ -150,9 +177,10 @@ def test_fast_path_matches_plain_path_on_tiny_llama(checkpointing: str) -> None:
     ref_loss, ref_grads = _loss_grads(plain, {"input_ids": ids, "labels": labels, "position_ids": pos})
     train_cfg = {
         "method": "lora",
+        "precision": "fp32",
+        "gradient_checkpointing": checkpointing != "none",
         "speed": {
             "attention": "sdpa",  # flex has no CPU backward; sdpa masks per document from position_ids
-            "padding_free": "on",
             "fused_ce": "torch",
             "fused_lora": "on",
             "checkpointing": checkpointing,
@@ -160,7 +188,7 @@ def test_fast_path_matches_plain_path_on_tiny_llama(checkpointing: str) -> None:
     }
     fast = _tiny_peft(train_cfg)
     rows = [{"input_ids": ids[i], "labels": labels[i], "position_ids": pos[i]} for i in range(2)]
-    batch = speed.collator(train_cfg, "cpu")(rows)
+    batch = PackedCollator()(rows)
     assert batch["input_ids"].shape == (1, 64)
     loss, grads = _loss_grads(fast, batch)
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)

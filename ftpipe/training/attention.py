@@ -164,12 +164,11 @@ class PackedBoundaries:
     """Forward pre-hook (with kwargs) on the decoder stack: computes the document boundaries once per forward
     and passes them down to every layer's attention as kwargs, so layers do no host syncs of their own.
 
-    The longest document is rounded up to a multiple of `bucket` (an upper bound is all the kernel needs), so
-    compiled layers see few distinct values and recompile at most once or twice for it."""
+    The longest document is rounded up to a power of two (an upper bound is all the kernel needs), so compiled
+    layers see few distinct values; after the first change dynamo treats it as a symbolic int anyway."""
 
-    def __init__(self, attention: str, bucket: int = 256) -> None:
+    def __init__(self, attention: str) -> None:
         self.attention = attention
-        self.bucket = bucket
 
     def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
         position_ids = kwargs.get("position_ids")
@@ -177,7 +176,7 @@ class PackedBoundaries:
             return args, kwargs
         if self.attention == VARLEN and kwargs.get("cu_seq_lens_q") is None:
             cu, max_len = cu_seqlens_from_position_ids(position_ids)
-            max_len = min(-(-max_len // self.bucket) * self.bucket, position_ids.numel())
+            max_len = min(max(256, 1 << (max_len - 1).bit_length()), position_ids.numel())
             torch._dynamo.maybe_mark_dynamic(cu, 0)  # the number of documents varies from step to step
             kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
         elif self.attention == FLEX and kwargs.get("ftpipe_block_mask") is None:

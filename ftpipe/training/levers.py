@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import attention as attn
@@ -25,7 +24,6 @@ from . import attention as attn
 @dataclass(frozen=True)
 class Levers:
     attention: str  # sdpa | varlen | flex
-    padding_free: bool
     fused_ce: str  # off | liger | torch
     compile: bool
     fused_lora: bool
@@ -61,19 +59,18 @@ def resolve(train_cfg: Any, device: torch.device | str) -> Levers:
     attention = pick("attention", "varlen" if cuda else "sdpa")
     if attention in ("varlen",) and not cuda:
         attention = "sdpa"  # the varlen kernel is CUDA-only; sdpa with position_ids is the per-document path
-    padding_free = pick("padding_free", "on" if cuda else "off") == "on"
     fused_ce = pick("fused_ce", ("liger" if liger_available() else "torch") if cuda else "off")
     if fused_ce == "liger" and not (cuda and liger_available()):
         fused_ce = "torch"
-    compile_on = pick("compile", "on" if cuda else "off") == "on"
+    # Compiled decoder layers: measured for LoRA and QLoRA; full fine-tuning and 8-bit keep eager layers.
+    compile_on = pick("compile", "on" if cuda and method in ("lora", "qlora") else "off") == "on"
     adapter_dtype = pick("adapter_dtype", "bf16" if cuda else "fp32")
-    fused_lora = pick("fused_lora", "on" if cuda and method != "full" else "off") == "on"
+    fused_lora = pick("fused_lora", "on" if cuda and method in ("lora", "qlora") else "off") == "on"
     ckpt = pick("checkpointing", ("offload" if cuda else "full") if ckpt_asked else "none")
     if ckpt == "offload" and not cuda:
         ckpt = "full"
     return Levers(
         attention=attention,
-        padding_free=padding_free,
         fused_ce=fused_ce,
         compile=compile_on,
         fused_lora=fused_lora,
@@ -133,19 +130,19 @@ def install_packed_attention(model: nn.Module, levers: Levers) -> None:
 # ---------------------------------------------------------------------------------------------------- fused LoRA
 
 
-def _dequantize(weight: torch.Tensor) -> torch.Tensor:
-    import bitsandbytes.functional as bnbf
-
-    return bnbf.dequantize_4bit(weight.data, weight.quant_state).to(torch.bfloat16)
+def _lora_part(h: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """s (x A^T) B^T (+ bias), the C that the base GEMM then accumulates into (beta=1 in its epilogue): no
+    in-place update of a saved output, so selective checkpointing may keep it."""
+    bs = b.t() * scale
+    return torch.addmm(bias, h, bs) if bias is not None else h @ bs
 
 
 class LoraLinearFn(torch.autograd.Function):
-    """y = x W^T + b + s (x A^T) B^T as one autograd node.
+    """y = x W^T + b + s (x A^T) B^T as one autograd node (bf16 base weight W).
 
     Saves x (shared with the sibling projections that read the same input) and the rank-r product x A^T;
-    backward is three matmuls plus one fused add (dx = dy W + s (dy B) A). A 4-bit W is dequantized in forward
-    and again in backward (never kept). Replaces PEFT's chain of linear, linear, scale, add, whose backward
-    adds three more full-size elementwise passes per projection."""
+    backward is three matmuls plus one fused add (dx = dy W + s (dy B) A). Replaces PEFT's chain of linear,
+    linear, scale, add, whose backward adds full-size elementwise passes per projection."""
 
     @staticmethod
     def forward(
@@ -156,15 +153,12 @@ class LoraLinearFn(torch.autograd.Function):
         a: torch.Tensor,
         b: torch.Tensor,
         scale: float,
-        quantized: bool,
     ) -> torch.Tensor:
-        w = _dequantize(weight) if quantized else weight
         x2 = x.reshape(-1, x.shape[-1])
         h = x2 @ a.t()
-        out = F.linear(x2, w, bias)
-        out.addmm_(h, b.t(), alpha=scale)
+        out = torch.addmm(_lora_part(h, b, bias, scale), x2, weight.t())
         ctx.save_for_backward(x2, h, a, b, weight)
-        ctx.scale, ctx.quantized, ctx.x_shape = scale, quantized, x.shape
+        ctx.scale, ctx.x_shape = scale, x.shape
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -172,13 +166,99 @@ class LoraLinearFn(torch.autograd.Function):
         x2, h, a, b, weight = ctx.saved_tensors
         d = dy.reshape(-1, dy.shape[-1])
         dh = (d @ b).mul_(ctx.scale)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            w = _dequantize(weight) if ctx.quantized else weight
-            dx = (d @ w).addmm_(dh, a).view(ctx.x_shape)
+        dx = (d @ weight).addmm_(dh, a).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
         da = dh.t() @ x2 if ctx.needs_input_grad[3] else None
         db = (d.t() @ h).mul_(ctx.scale) if ctx.needs_input_grad[4] else None
-        return dx, None, None, da, db, None, None
+        return dx, None, None, da, db, None
+
+
+def dequantize_nf4(
+    data: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    meta: tuple,
+) -> torch.Tensor:
+    """bitsandbytes 4-bit weight -> compute dtype, through bitsandbytes' registered torch ops (they have fake
+    implementations, so a compiled layer keeps them in its graph instead of breaking around them)."""
+    blocksize, blocksize2, quant_type, shape, dtype = meta
+    if absmax2 is not None:  # double quantization: the block scales are themselves 8-bit
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
+            absmax, absmax2, code2, blocksize2, torch.float32
+        )
+        absmax = absmax + offset
+    return torch.ops.bitsandbytes.dequantize_4bit.default(
+        data, absmax, blocksize, quant_type, list(shape), dtype
+    )
+
+
+class Lora4bitFn(torch.autograd.Function):
+    """`LoraLinearFn` over a 4-bit base: W is dequantized in forward and again in backward, never kept."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        data: torch.Tensor,
+        absmax: torch.Tensor,
+        absmax2: torch.Tensor | None,
+        code2: torch.Tensor | None,
+        offset: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        scale: float,
+        meta: tuple,
+    ) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        h = x2 @ a.t()
+        w = dequantize_nf4(data, absmax, absmax2, code2, offset, meta)
+        out = torch.addmm(_lora_part(h, b, bias, scale), x2, w.t())
+        ctx.save_for_backward(x2, h, a, b, data, absmax, absmax2, code2, offset)
+        ctx.scale, ctx.x_shape, ctx.meta = scale, x.shape, meta
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple:
+        x2, h, a, b, *quant = ctx.saved_tensors
+        d = dy.reshape(-1, dy.shape[-1])
+        dh = (d @ b).mul_(ctx.scale)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = (d @ dequantize_nf4(*quant, ctx.meta)).addmm_(dh, a).view(ctx.x_shape)
+        da = dh.t() @ x2 if ctx.needs_input_grad[7] else None
+        db = (d.t() @ h).mul_(ctx.scale) if ctx.needs_input_grad[8] else None
+        return (dx, *([None] * 6), da, db, None, None)
+
+
+_NF4_BUFFERS = ("_ftpipe_w4", "_ftpipe_absmax", "_ftpipe_absmax2", "_ftpipe_code2", "_ftpipe_offset")
+
+
+def _attach_nf4(module: nn.Module, base: nn.Module) -> None:
+    """Register a bitsandbytes Linear4bit weight's plain tensors as (non-persistent) buffers of the LoRA layer
+    and its constants as a tuple: what torch.compile traces as graph inputs, with no guards on Python objects
+    (a QuantState, the Params4bit subclass) that would recompile the layer for every projection."""
+    w = base.weight
+    qs = w.quant_state
+    nested = qs.state2 is not None
+    tensors = (
+        w.data.as_subclass(torch.Tensor),
+        qs.absmax,
+        qs.state2.absmax if nested else None,
+        qs.state2.code if nested else None,
+        torch.as_tensor(qs.offset, dtype=torch.float32, device=qs.absmax.device) if nested else None,
+    )
+    for name, t in zip(_NF4_BUFFERS, tensors, strict=True):
+        module.register_buffer(name, t, persistent=False)
+    dtype = qs.dtype if qs.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    module._ftpipe_nf4 = (
+        qs.blocksize,
+        qs.state2.blocksize if nested else 0,
+        qs.quant_type,
+        tuple(qs.shape),
+        dtype,
+    )
 
 
 def _lora_can_fuse(layer: nn.Module) -> bool:
@@ -206,26 +286,37 @@ def _fused_lora_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: 
     (name,) = self.active_adapters
     base = self.get_base_layer()
     a, b = self.lora_A[name].weight, self.lora_B[name].weight
-    quantized = type(base).__name__ == "Linear4bit"
     if x.dtype != a.dtype:
         x = x.to(a.dtype)
-    return LoraLinearFn.apply(x, base.weight, base.bias, a, b, float(self.scaling[name]), quantized)
+    scale = float(self.scaling[name])
+    if self._ftpipe_nf4 is not None:
+        quant = [getattr(self, n) for n in _NF4_BUFFERS]
+        return Lora4bitFn.apply(x, *quant, base.bias, a, b, scale, self._ftpipe_nf4)
+    return LoraLinearFn.apply(x, base.weight, base.bias, a, b, scale)
 
 
 def fuse_lora(model: nn.Module) -> int:
-    """Route every PEFT LoRA linear (bf16 or 4-bit base) through `LoraLinearFn`; returns how many."""
+    """Route every PEFT LoRA linear (bf16 or 4-bit base) through one autograd node; returns how many."""
     from peft.tuners.lora import LoraLayer
 
     n = 0
     for module in model.modules():
         if isinstance(module, LoraLayer) and hasattr(module, "get_base_layer") and _lora_can_fuse(module):
-            fwd = _fused_lora_forward
-            if type(module.get_base_layer()).__name__ == "Linear4bit":
-                # bitsandbytes' ops are opaque to torch.compile: let a compiled layer break around them.
-                fwd = torch.compiler.disable(_fused_lora_forward)
-            module.forward = types.MethodType(fwd, module)
+            base = module.get_base_layer()
+            module._ftpipe_nf4 = None
+            if type(base).__name__ == "Linear4bit":
+                _attach_nf4(module, base)
+            module.forward = types.MethodType(_fused_lora_forward, module)
             n += 1
     return n
+
+
+def downcast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
+    """Frozen fp32 floating-point parameters (norms, embeddings that prepare_model_for_kbit_training upcast)
+    back to `dtype`; quantized weights and trained parameters are left alone."""
+    for p in model.parameters():
+        if not p.requires_grad and p.dtype == torch.float32 and type(p).__name__ != "Params4bit":
+            p.data = p.data.to(dtype)
 
 
 # ------------------------------------------------------------------------------------------- checkpoint / offload
@@ -314,7 +405,8 @@ class OffloadedCheckpoint(torch.autograd.Function):
 def wrap_layers(model: nn.Module, levers: Levers) -> None:
     """Compile each decoder layer and/or checkpoint it (full, offloaded or selective), in place."""
     stack = decoder_stack(model)
-    mode = levers.checkpointing
+    # "full" is transformers' own (non-reentrant) checkpointing, switched on in patch_model.
+    mode = levers.checkpointing if levers.checkpointing in ("offload", "selective") else "none"
     offloader = ActivationOffloader() if mode == "offload" else None
     if offloader is not None:
         stack.register_forward_pre_hook(lambda *_: offloader.reset())
@@ -329,7 +421,7 @@ def wrap_layers(model: nn.Module, levers: Levers) -> None:
         inner = type(layer).forward.__get__(layer)
         if mode == "selective":
             inner = _selective(inner)
-        run = torch.compile(inner, dynamic=False) if levers.compile else inner
+        run = torch.compile(inner) if levers.compile else inner
         if mode in ("none", "selective"):
             layer.forward = run
             continue

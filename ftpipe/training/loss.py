@@ -168,9 +168,14 @@ def causal_lm_forward(impl: str) -> Any:
         if attention_mask is not None and attention_mask.dim() == 2:
             targets = targets.masked_fill(attention_mask == 0, IGNORE)
         head = self.lm_head
-        total = linear_cross_entropy_sum(hidden, head.weight, head.bias, targets, impl)
+        # Answer-only: the head runs on trained positions only (most of a chat row is prompt, label -100).
+        valid = targets != IGNORE
+        if bool(valid.any()):
+            total = linear_cross_entropy_sum(hidden[valid], head.weight, head.bias, targets[valid], impl)
+        else:  # nothing to learn in this micro-batch: a zero that still reaches every trained parameter
+            total = hidden.float().sum() * 0.0
         if num_items is None:
-            denom = (targets != IGNORE).sum().clamp(min=1)
+            denom = valid.sum().clamp(min=1)
         else:
             denom = torch.as_tensor(num_items, device=total.device)
         loss = total / denom.to(total.dtype)

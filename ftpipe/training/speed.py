@@ -1,11 +1,15 @@
-"""The train stage's speed hooks: where the levers of `levers.py` enter model loading and PEFT setup.
+"""Per-device performance choices: where the levers of `levers.py` (switched by `train.speed.*`) enter the train
+stage. On CPU every lever resolves to the plain path, and these hooks do what the stock HF + PEFT setup does.
 
-Call order in the train stage:
-    kwargs = model_load_kwargs(train_cfg, device)      # -> AutoModelForCausalLM.from_pretrained(..., **kwargs)
-    model = patch_model(model, train_cfg, device)      # after loading, before PEFT
-    model = get_peft_model(model, lora_cfg, **peft_kwargs(train_cfg, device))
-    model = after_peft(model, train_cfg, device)       # fused LoRA, compiled / checkpointed layers
-    collate = collator(train_cfg, device, base)        # padding-free concatenation when on
+Call order (ftpipe/training/model.py, ftpipe/stages/train.py):
+    kwargs = model_load_kwargs(train_cfg, device)   # -> from_pretrained(..., **kwargs)
+    model = patch_model(model, train_cfg, device)   # after loading (and prepare_model_for_kbit_training)
+    model = get_peft_model(model, lora, **peft_kwargs(train_cfg, device))
+    model = after_peft(model, train_cfg, device)    # fused LoRA, compiled / checkpointed decoder layers
+    FtTrainer(..., loss_mode=loss_mode(train_cfg, device))
+
+Each must keep the numbers the plain HF path computes (tests/test_speed_levers.py on CPU, the guard of
+scripts/bench.py on the GPU).
 """
 
 from __future__ import annotations
@@ -16,76 +20,88 @@ import torch
 from torch import nn
 
 from . import levers as lv
+from .devices import compute_dtype
 from .loss import patch_causal_lm
 
 
-def _dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+def _kind(device: torch.device | str) -> str:
+    return torch.device(device).type
 
 
-def model_load_kwargs(train_cfg: Any, device: torch.device | str) -> dict[str, Any]:
-    """Keyword arguments for `from_pretrained` / `from_config`: dtype and attention implementation."""
-    device = torch.device(device)
-    levers = lv.resolve(train_cfg, device)
+def model_load_kwargs(train_cfg: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """Attention kernel and the dtype the (frozen or trained) weights are loaded in."""
+    kind = _kind(device)
+    levers = lv.resolve(train_cfg, kind)
+    # sdpa builds the per-document causal mask from restarting position_ids (padding-free packed rows);
+    # `varlen` / `flex` do the same per document without a dense mask (registered here, before loading).
+    kwargs: dict[str, Any] = {"attn_implementation": lv.attn_implementation(levers)}
     if levers.attention in ("varlen", "flex"):
         from . import attention
 
         attention.register()
-    return {"dtype": _dtype(device), "attn_implementation": lv.attn_implementation(levers)}
+    dtype = compute_dtype(train_cfg, kind)
+    frozen_base = train_cfg["method"] in {"lora", "lora8bit"} or (
+        train_cfg["method"] == "qlora" and levers.adapter_dtype == "bf16"
+    )
+    if frozen_base and dtype != torch.float32 and kind == "cuda":
+        # Frozen base weights are never updated, so storing them in the compute dtype loses nothing
+        # and halves memory; trained weights (full fine-tuning) stay fp32 masters under autocast.
+        kwargs["dtype"] = dtype
+    else:
+        kwargs["dtype"] = torch.float32
+    return kwargs
 
 
-def patch_model(model: nn.Module, train_cfg: Any, device: torch.device | str) -> nn.Module:
+def patch_model(model: nn.Module, train_cfg: dict[str, Any], device: torch.device | str) -> nn.Module:
     """After loading, before PEFT: no KV cache in training (with one, packed rows attend across documents),
-    per-document attention with its boundary hook, fused linear cross-entropy."""
-    device = torch.device(device)
-    levers = lv.resolve(train_cfg, device)
+    per-document attention with its boundary hook, fused linear cross-entropy, checkpointing."""
+    kind = _kind(device)
+    levers = lv.resolve(train_cfg, kind)
     model.config.use_cache = False
     lv.install_packed_attention(model, levers)
     if levers.fused_ce != "off":
         patch_causal_lm(model, levers.fused_ce)
+    if train_cfg["method"] == "qlora" and levers.adapter_dtype == "bf16":
+        # prepare_model_for_kbit_training upcast the frozen norms and embeddings to fp32 (1 GiB for
+        # Llama-3.2-1B's embeddings alone); they never train, so the compute dtype loses nothing.
+        lv.downcast_frozen(model, compute_dtype(train_cfg, kind))
+    if levers.checkpointing == "full":
+        # Non-reentrant checkpointing works with frozen inputs (LoRA) without enable_input_require_grads.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
-def peft_kwargs(train_cfg: Any, device: torch.device | str) -> dict[str, Any]:
-    """Extra `get_peft_model` arguments: bf16 adapters stay bf16 (PEFT upcasts them to fp32 by default)."""
-    levers = lv.resolve(train_cfg, torch.device(device))
-    return {"autocast_adapter_dtype": levers.adapter_dtype != "bf16"}
+def peft_kwargs(train_cfg: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """Extra arguments for `get_peft_model`: bf16 adapters stay bf16 where the lever says so (PEFT's default,
+    fp32 adapters next to a bf16 base, makes every LoRA matmul upcast its input under autocast)."""
+    levers = lv.resolve(train_cfg, _kind(device))
+    return {"autocast_adapter_dtype": False} if levers.adapter_dtype == "bf16" else {}
 
 
-def after_peft(model: nn.Module, train_cfg: Any, device: torch.device | str) -> nn.Module:
-    """After PEFT: adapters in their dtype, fused LoRA linears, compiled and/or checkpointed decoder layers."""
-    device = torch.device(device)
-    levers = lv.resolve(train_cfg, device)
-    if levers.adapter_dtype == "bf16" and _dtype(device) == torch.bfloat16:
-        lv.cast_adapters(model, torch.bfloat16)
+def after_peft(model: nn.Module, train_cfg: dict[str, Any], device: torch.device | str) -> nn.Module:
+    """After PEFT: adapters in the compute dtype, fused LoRA linears, compiled and/or checkpointed layers."""
+    kind = _kind(device)
+    levers = lv.resolve(train_cfg, kind)
+    if train_cfg["method"] == "full":
+        return model
+    if levers.adapter_dtype == "bf16":
+        lv.cast_adapters(model, compute_dtype(train_cfg, kind))
     if levers.fused_lora:
         lv.fuse_lora(model)
-    if levers.compile or levers.checkpointing != "none":
+    if levers.compile or levers.checkpointing in ("offload", "selective"):
         lv.wrap_layers(model, levers)
     return model
 
 
-def training_args_overrides(train_cfg: Any, device: torch.device | str) -> dict[str, Any]:
-    """TrainingArguments the levers own: checkpointing is done by `after_peft`, not by the Trainer."""
-    levers = lv.resolve(train_cfg, torch.device(device))
-    return {"gradient_checkpointing": False} if levers.checkpointing != "none" else {}
+def loss_mode(train_cfg: dict[str, Any], device: torch.device | str) -> str:
+    """FtTrainer's loss path: with the fused cross-entropy the model computes the loss itself (`full`), on the
+    trained tokens only (the answer-only saving is kept: see loss.causal_lm_forward)."""
+    levers = lv.resolve(train_cfg, _kind(device))
+    return "full" if levers.fused_ce != "off" else train_cfg["loss"]
 
 
-def collator(train_cfg: Any, device: torch.device | str) -> Any:
-    """Padding-free collator when the lever is on (one row per micro-batch), else None (the stage's own)."""
-    levers = lv.resolve(train_cfg, torch.device(device))
-    return concat_rows if levers.padding_free else None
-
-
-def concat_rows(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Concatenate packed rows into one row of B*T tokens: no padding, position_ids restart per document (the
-    attention reads the boundaries from them), no attention_mask."""
-    out: dict[str, torch.Tensor] = {}
-    for key in ("input_ids", "labels", "position_ids"):
-        if key in features[0]:
-            out[key] = torch.cat([torch.as_tensor(f[key]).reshape(-1) for f in features])[None]
-    if "position_ids" not in out:
-        out["position_ids"] = torch.cat(
-            [torch.arange(len(torch.as_tensor(f["input_ids"]).reshape(-1))) for f in features]
-        )[None]
-    return out
+def micro_batches(train_cfg: dict[str, Any], row_len: int | None) -> tuple[int, int]:
+    """(per-device micro-batch rows, grad accumulation) honouring `train.speed.tokens_per_micro_batch`."""
+    tokens = (train_cfg.get("speed") or {}).get("tokens_per_micro_batch")
+    mbs, ga = train_cfg["micro_batch_size"], train_cfg["grad_accum"]
+    return lv.micro_batches(mbs, ga, row_len, tokens) if tokens and row_len else (mbs, ga)

@@ -1,0 +1,113 @@
+"""map: the training rows → prompt template → `input_ids` + `labels` (−100 except on answers), no truncation.
+
+Length limits belong to pack, so changing `dataset.max_length` or packing never retokenises. Held-out rows
+(split.json's eval_rows) are left out here; evaluation reads them with formats.load_conversations.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ..data.arrow import DATASET_DIR
+from ..data.formats import load_conversations
+from ..data.templates import encode_batch, encode_pretrain, resolve_template
+from ..engine import Stage, StageContext
+
+log = logging.getLogger("ftpipe")
+
+# Below this many rows, starting worker processes costs more than it saves.
+PARALLEL_MIN_ROWS = 20_000
+BATCH_SIZE = 1000
+
+
+def _encode(batch: dict[str, list], tokenizer: Any, template: dict, train_on_inputs: bool) -> dict[str, list]:
+    ids, labels = encode_batch(tokenizer, template, batch["conversation"], train_on_inputs)
+    return {"input_ids": ids, "labels": labels}
+
+
+def _encode_text(batch: dict[str, list], tokenizer: Any) -> dict[str, list]:
+    ids, labels = encode_pretrain(tokenizer, batch["text"])
+    return {"input_ids": ids, "labels": labels}
+
+
+def _turn(turn: dict[str, Any]) -> dict[str, Any]:
+    # every turn gets the same keys: Arrow infers one struct type for the whole column
+    return {
+        "system": turn.get("system") or "",
+        "input": turn["input"],
+        "output": turn["output"],
+        "char_level": bool(turn.get("char_level")),
+    }
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    import datasets
+    from transformers import AutoTokenizer
+
+    cfg = ctx.cfg["dataset"]
+    download = ctx.inputs["download"]
+    tokenizer = AutoTokenizer.from_pretrained(download / "model")
+    template = resolve_template(ctx.cfg["template"], tokenizer)
+    train, _, report = load_conversations(download / "data", cfg)
+
+    features = datasets.Features(
+        {
+            "input_ids": datasets.Sequence(datasets.Value("int32")),
+            "labels": datasets.Sequence(datasets.Value("int32")),
+        }
+    )
+    if report["format"] == "pretrain":
+        rows = datasets.Dataset.from_dict({"text": [conv[0]["output"] for conv in train]})
+        fn, kwargs = _encode_text, {"tokenizer": tokenizer}
+    else:
+        rows = datasets.Dataset.from_dict({"conversation": [[_turn(t) for t in conv] for conv in train]})
+        fn = _encode
+        kwargs = {
+            "tokenizer": tokenizer,
+            "template": template,
+            "train_on_inputs": bool(cfg.get("train_on_inputs")),
+        }
+    num_proc = max(1, int(cfg.get("num_proc") or 1)) if len(rows) >= PARALLEL_MIN_ROWS else 1
+    tokens = rows.map(
+        fn,
+        batched=True,
+        batch_size=BATCH_SIZE,
+        num_proc=num_proc if num_proc > 1 else None,
+        fn_kwargs=kwargs,
+        remove_columns=rows.column_names,
+        features=features,
+        new_fingerprint=f"ftpipe-map-{ctx.out.name}",  # the stage key already names the content
+        desc="map: tokenise",
+    )
+    tokens.save_to_disk(str(ctx.out / DATASET_DIR))
+
+    lengths = tokens.data.table.column("input_ids").combine_chunks().value_lengths().to_numpy()
+    n_tokens = int(lengths.sum())
+    loss_tokens = sum(
+        int((chunk.flatten().to_numpy() != -100).sum()) for chunk in tokens.data.table.column("labels").chunks
+    )
+    return {
+        **report,
+        "tokens": n_tokens,
+        "loss_tokens": loss_tokens,
+        "max_tokens": int(lengths.max()) if len(lengths) else 0,
+        "template": template.get("name"),
+    }
+
+
+STAGE = Stage(
+    name="map",
+    version="1",
+    reads=(
+        "dataset.format",
+        "dataset.system",
+        "dataset.train_on_inputs",
+        "dataset.skip_bad_rows",
+        "dataset.char_level_answers",
+        "dataset.num_proc",
+        "template",
+    ),
+    upstream=("download",),
+    run=run,
+)

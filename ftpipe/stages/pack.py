@@ -1,0 +1,44 @@
+"""pack: tokenised documents → rows of ≤ `dataset.max_length` tokens, with per-document position ids.
+
+Reads only length and packing keys, so changing the template or the data format never reaches its key except
+through map's. Output columns: input_ids, labels, position_ids, doc_lens (see data/packing.py for the label
+contract with train).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..data.arrow import DATASET_DIR, flat_column, list_array, save_columns
+from ..data.packing import pack
+from ..engine import Stage, StageContext
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    import datasets
+
+    cfg = ctx.cfg["dataset"]
+    docs = datasets.load_from_disk(str(ctx.inputs["map"] / DATASET_DIR))
+    ids, offsets = flat_column(docs, "input_ids")
+    labels, label_offsets = flat_column(docs, "labels")
+    assert (offsets == label_offsets).all(), "map wrote input_ids and labels of different lengths"
+    packed = pack(ids, labels, offsets, int(cfg["max_length"]), bool(cfg["pack"]), cfg["truncation"])
+    save_columns(
+        {
+            "input_ids": list_array(packed.input_ids, packed.row_offsets),
+            "labels": list_array(packed.labels, packed.row_offsets),
+            "position_ids": list_array(packed.position_ids, packed.row_offsets),
+            "doc_lens": list_array(packed.doc_lens, packed.doc_offsets),
+        },
+        ctx.out / DATASET_DIR,
+    )
+    return {**packed.metrics, "max_length": int(cfg["max_length"]), "packed": bool(cfg["pack"])}
+
+
+STAGE = Stage(
+    name="pack",
+    version="1",
+    reads=("dataset.max_length", "dataset.pack", "dataset.truncation"),
+    upstream=("map",),
+    run=run,
+)

@@ -1,0 +1,131 @@
+"""Sweep summary: after a Hydra multirun, one table of every job's overrides, cache hits, loss and metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from .report import _fmt
+
+log = logging.getLogger("ftpipe")
+
+
+def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    jobs = []
+    for run_json in sorted(
+        sweep_dir.glob("*/run.json"), key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0
+    ):
+        run = json.loads(run_json.read_text())
+        overrides_file = run_json.parent / ".hydra" / "overrides.yaml"
+        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+        stages = run["stages"]
+        metrics: dict[str, Any] = {}
+        for row in stages:
+            metrics.update(
+                {k: v for k, v in row.items() if k not in {"name", "key", "hit", "seconds", "output"}}
+            )
+        jobs.append(
+            {
+                "job": run_json.parent.name,
+                "overrides": overrides,
+                "hits": {r["name"]: r["hit"] for r in stages},
+                "wall_seconds": run.get("wall_seconds"),
+                "objective": run.get("objective"),
+                "metrics": metrics,
+            }
+        )
+    return jobs
+
+
+def _swept(jobs: list[dict[str, Any]]) -> list[str]:
+    """Override keys whose value differs between jobs."""
+    values: dict[str, set[str]] = {}
+    for job in jobs:
+        for o in job["overrides"]:
+            key, _, value = o.partition("=")
+            values.setdefault(key, set()).add(value)
+    return [k for k, v in values.items() if len(v) > 1]
+
+
+def write_summary(sweep_dir: Path, objective: dict[str, Any] | None) -> list[dict[str, Any]]:
+    jobs = collect(sweep_dir)
+    (sweep_dir / "sweep.json").write_text(json.dumps({"objective": objective, "jobs": jobs}, indent=2))
+    metric = (objective or {}).get("metric")
+    metric_names = sorted({m for j in jobs for m in j["metrics"] if m.endswith(("_after", "loss"))})
+    head = ["job", "overrides", "stages hit", "wall s", *metric_names]
+    lines = ["# Sweep summary", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for j in jobs:
+        hit = ", ".join(name for name, h in j["hits"].items() if h) or "—"
+        cells = [
+            j["job"],
+            " ".join(j["overrides"]),
+            hit,
+            _fmt(j["wall_seconds"]),
+            *(_fmt(j["metrics"].get(m)) for m in metric_names),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    scored = [j for j in jobs if isinstance(j["metrics"].get(metric), int | float)]
+    if metric and scored:
+        pick = min if objective.get("direction", "minimize") == "minimize" else max  # type: ignore[union-attr]
+        best = pick(scored, key=lambda j: j["metrics"][metric])
+        lines += [
+            "",
+            f"best ({objective.get('direction', 'minimize')} `{metric}`): job {best['job']} "  # type: ignore[union-attr]
+            f"`{' '.join(best['overrides'])}` → {_fmt(best['metrics'][metric])}",
+        ]
+        _plot(scored, metric, _swept(jobs), sweep_dir / "sweep.png")
+        lines += ["", "![metric vs swept parameter](sweep.png)"]
+    (sweep_dir / "sweep.md").write_text("\n".join(lines) + "\n")
+    return jobs
+
+
+def _plot(jobs: list[dict[str, Any]], metric: str, swept: list[str], target: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    param = swept[0] if swept else None
+    labels, xs = [], []
+    for j in jobs:
+        value = next(
+            (o.partition("=")[2] for o in j["overrides"] if param and o.startswith(param + "=")), j["job"]
+        )
+        labels.append(value)
+        try:
+            xs.append(float(value))
+        except ValueError:
+            xs.append(float("nan"))
+    ys = [j["metrics"][metric] for j in jobs]
+    if param and all(x == x for x in xs):  # numeric parameter: a real x axis (log scale for rates)
+        order = sorted(range(len(xs)), key=xs.__getitem__)
+        ax.plot([xs[i] for i in order], [ys[i] for i in order], marker="o")
+        if min(xs) > 0 and max(xs) / min(xs) >= 10:
+            ax.set_xscale("log")
+    else:
+        ax.bar(range(len(ys)), ys, tick_label=labels)
+    ax.set_xlabel(param or "job")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+
+
+class SweepSummary(Callback):
+    """Hydra callback (conf/config.yaml `hydra.callbacks`) that writes sweep.json, sweep.md and sweep.png."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():
+            return
+        objective = dict(config.get("objective") or {}) or None
+        jobs = write_summary(sweep_dir, objective)
+        log.info("sweep summary of %d job(s): %s", len(jobs), sweep_dir / "sweep.md")

@@ -1,0 +1,88 @@
+"""Build the model to train: full weights, or a quantized/plain base wrapped with LoRA adapters."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import FtpipeError
+from . import speed
+from .devices import compute_dtype
+
+log = logging.getLogger("ftpipe")
+
+QUANTIZED = {"qlora", "lora8bit"}
+
+
+def quantization_config(train_cfg: dict[str, Any], device: str):
+    """bitsandbytes settings for the quantized methods: nf4 + double quant (QLoRA) or LLM.int8."""
+    method = train_cfg["method"]
+    if method not in QUANTIZED:
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as exc:
+        raise FtpipeError(
+            f"config key `train.method`: {method} needs bitsandbytes (pip install 'ftpipe[qlora]')"
+        ) from exc
+    if method == "qlora":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype(train_cfg, device),
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def lora_config(train_cfg: dict[str, Any]):
+    from peft import LoraConfig
+
+    lora = train_cfg["lora"]
+    return LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora["target_modules"],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_for_training(
+    model_dir: Path, train_cfg: dict[str, Any], device: str, trust_remote_code: bool = False
+) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    kwargs = speed.model_load_kwargs(train_cfg, device)
+    quant = quantization_config(train_cfg, device)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": torch.cuda.current_device() if device == "cuda" else "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code, **kwargs)
+    # A KV cache during training makes packed rows attend across documents; it is useless there anyway.
+    model.config.use_cache = False
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        # Checkpointing is speed.patch_model's job; here only the fp32 casts and input grads.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = speed.patch_model(model, train_cfg, device)
+    if train_cfg["method"] == "full":
+        return model
+
+    from peft import get_peft_model
+
+    try:
+        model = get_peft_model(model, lora_config(train_cfg), **speed.peft_kwargs(train_cfg, device))
+    except ValueError as exc:  # PEFT names the modules it could not find
+        raise FtpipeError(f"config key `train.lora.target_modules`: {exc}") from None
+    model = speed.after_peft(model, train_cfg, device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)
+    return model

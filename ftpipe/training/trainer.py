@@ -1,0 +1,141 @@
+"""HF Trainer glue: answer-only loss, throughput/memory logging, checkpoint discovery for resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback
+
+from .devices import peak_memory_gib
+
+log = logging.getLogger("ftpipe")
+
+IGNORE = -100
+
+
+def answer_only_loss(
+    model: torch.nn.Module,
+    inputs: dict[str, torch.Tensor],
+    num_items_in_batch: torch.Tensor | int | None = None,
+) -> tuple[torch.Tensor, Any]:
+    """Causal-LM loss with the LM head applied only where a label is trained.
+
+    Most tokens of a chat example are prompt (label -100); the vocab projection and softmax over them are
+    wasted work. `logits_to_keep` accepts an index tensor, so the model computes hidden states for all
+    tokens but logits only at positions t whose next label labels[t+1] is trained. Reduction matches
+    transformers' ForCausalLMLoss: fp32 cross-entropy, summed and divided by `num_items_in_batch` (the
+    trained-token count of the whole accumulated batch) or averaged when it is not given.
+    """
+    labels = inputs["labels"]
+    targets = labels[:, 1:]
+    keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(-1)
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    outputs = model(**model_inputs, logits_to_keep=keep)
+    logits = outputs.logits  # [batch, len(keep), vocab]
+    picked = targets[:, keep]
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        picked.reshape(-1),
+        ignore_index=IGNORE,
+        reduction=reduction,
+    )
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    return loss, outputs
+
+
+class Throughput(TrainerCallback):
+    """Marks time and tokens at train start and at each log, so logs can carry tokens/s since the last one."""
+
+    def __init__(self) -> None:
+        self.mark: tuple[float, int] | None = None
+        self.start: tuple[float, int] | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = self.mark = (time.perf_counter(), state.num_input_tokens_seen)
+
+    def rate(self, tokens_now: int) -> float | None:
+        if self.mark is None:
+            return None
+        now = time.perf_counter()
+        seconds, tokens = now - self.mark[0], tokens_now - self.mark[1]
+        self.mark = (now, tokens_now)
+        return tokens / seconds if seconds > 0 else None
+
+
+class FtTrainer(Trainer):
+    """Trainer with ftpipe's loss choice and extra scalars (tokens/s, peak memory) in every training log."""
+
+    def __init__(self, *args: Any, loss_mode: str = "answer_only", device: str = "cpu", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.loss_mode = loss_mode
+        self.device_kind = device
+        # Both loss paths divide by num_items_in_batch themselves, so Trainer must compute it and must not
+        # divide again by the accumulation steps: this keeps grad accumulation equal to one big batch.
+        self.model_accepts_loss_kwargs = True
+        self.throughput = Throughput()
+        self.add_callback(self.throughput)
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        if self.loss_mode == "answer_only":
+            loss, outputs = answer_only_loss(model, inputs, num_items_in_batch)
+        else:
+            outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
+            loss = outputs.loss
+        if (
+            self.args.average_tokens_across_devices
+            and num_items_in_batch is not None
+            and self.accelerator.num_processes > 1
+        ):
+            # num_items_in_batch was summed over ranks; DDP averages gradients, so undo that mean.
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            rate = self.throughput.rate(self.state.num_input_tokens_seen)
+            if rate is not None:
+                logs["tokens_per_second"] = round(rate, 1)
+            logs["peak_memory_gib"] = round(peak_memory_gib(self.device_kind), 3)
+        super().log(logs, start_time)
+
+
+def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Checkpoints whose trainer_state.json (written last by Trainer) is readable, oldest first."""
+    found = []
+    for path in checkpoint_dir.glob("checkpoint-*"):
+        try:
+            step = int(path.name.split("-")[-1])
+            json.loads((path / "trainer_state.json").read_text())
+        except (ValueError, OSError):
+            continue
+        found.append((step, path))
+    return [p for _, p in sorted(found)]
+
+
+def last_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest complete checkpoint; half-written ones (a kill during save) are removed."""
+    if not checkpoint_dir.is_dir():
+        return None
+    complete = complete_checkpoints(checkpoint_dir)
+    for path in checkpoint_dir.glob("checkpoint-*"):
+        if path not in complete:
+            log.warning("removing incomplete checkpoint %s (interrupted while saving)", path.name)
+            shutil.rmtree(path, ignore_errors=True)
+    return complete[-1] if complete else None

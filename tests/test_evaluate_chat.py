@@ -1,0 +1,64 @@
+"""evaluate-chat and chat on the tiny model: metrics wired to real generations, the chat loop's protocol."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from ftpipe import engine
+from ftpipe.cache import Cache
+from ftpipe.chat import chat_loop
+from ftpipe.config import compose, validate
+from ftpipe.stages import CHAIN, evaluate_chat
+
+
+@pytest.fixture(scope="module")
+def colorist(tmp_path_factory):
+    cache = Cache(tmp_path_factory.mktemp("cache"))
+    cfg = validate(
+        compose(["+recipe=colorist_lora", "model=tiny_llama", "stages=[download]", "eval.max_samples=8"])
+    )
+    (download,) = engine.run(engine.plan(cfg, CHAIN, cache), cache)
+    return cfg, cache, download
+
+
+def test_colorist_metrics_before_equal_after_for_the_same_model(colorist, tmp_path):
+    cfg, cache, download = colorist
+    out = tmp_path / "out"
+    out.mkdir()
+    entry = cache.entry_dir("download", download["key"])
+    ctx = engine.StageContext(
+        cfg=engine.slice_config(evaluate_chat.STAGE, cfg),
+        out=out,
+        inputs={"download": entry, "merge": entry},
+        cache=cache,
+    )
+    metrics = evaluate_chat.run(ctx)
+    assert metrics["eval_task"] == "colorist" and metrics["eval_questions"] == 8
+    assert metrics["hex_valid_rate_before"] == metrics["hex_valid_rate_after"]
+    assert metrics["answer_loss_before"] == pytest.approx(metrics["answer_loss_after"])
+    assert metrics["answer_loss_before"] > 5  # a random model knows nothing about colours
+    assert 50 < metrics["color_distance_mean_baseline"] < metrics["color_distance_random_baseline"]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 8 and all(s["reference"].startswith("#") for s in samples)
+    assert [s["before"] for s in samples] == [s["after"] for s in samples]
+
+
+def test_chat_loop_reads_multiline_messages_reset_and_exit(colorist):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg, cache, download = colorist
+    model_dir = cache.entry_dir("download", download["key"]) / "model"
+    model, tokenizer = (
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        AutoTokenizer.from_pretrained(model_dir),
+    )
+    out = io.StringIO()
+    stdin = io.StringIO("a warm\norange\n\nRESET\nsky blue\n\nEXIT\nnever read\n\n")
+    chat_loop(model, tokenizer, cfg["template"], "You are a colorist.", stdin, out, max_new_tokens=4)
+    lines = out.getvalue().splitlines()
+    assert (
+        lines[1] == "(history cleared)" and len(lines) == 3
+    )  # reply, reset notice, reply; nothing after EXIT
