@@ -93,6 +93,9 @@ class SpeedConfig:
     fused_lora: str = "auto"  # auto | on | off: one autograd function per LoRA linear (base + A/B)
     checkpointing: str = "auto"  # auto | none | full | offload | selective
     adapter_dtype: str = "auto"  # auto | bf16 | fp32: LoRA weights' dtype (bf16 skips autocast copies)
+    # compiled layers keep this fraction of their activations, recomputing the cheapest ops in backward
+    # (torch._functorch.config.activation_memory_budget); None = 1.0, nothing extra recomputed
+    activation_budget: float | None = None
     # micro-batches of about this many tokens (rows per optimizer step kept, via grad accumulation)
     tokens_per_micro_batch: int | None = None
 

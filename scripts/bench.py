@@ -274,7 +274,9 @@ class StepTimer:
                 if timer.profile_at is not None and state.global_step == timer.profile_at:
                     from torch.profiler import ProfilerActivity, profile
 
-                    timer.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                    timer.prof = profile(
+                        activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True
+                    )
                     timer.prof.__enter__()
 
             def on_step_end(self, args, state, control, **kw):
@@ -303,12 +305,47 @@ def summarize_profile(prof: Any, wall_s: float) -> dict[str, Any]:
             if self_t:
                 rows.append((evt.key, self_t / 1e3, evt.count, t / 1e3))
         rows.sort(key=lambda r: -r[1])
-        busy = sum(r[1] for r in rows)
-        return {
+        out: dict[str, Any] = {
             "wall_ms": wall_s * 1e3,
-            "gpu_busy_ms": busy,
             "top": [{"kernel": k[:120], "self_ms": round(ms, 2), "calls": n} for k, ms, n, _ in rows[:45]],
         }
+        # GPU timeline: union of kernel / copy intervals, and the largest idle gaps with their neighbours.
+        spans = []
+        for e in prof.events():
+            if getattr(e, "device_type", None) is not None and e.device_type.name == "CUDA":
+                spans.append((e.time_range.start, e.time_range.end, e.name))
+        spans.sort()
+        busy, gaps, end, prev = 0.0, [], None, ""
+        for start, stop, name in spans:
+            if end is None or start > end:
+                if end is not None:
+                    gaps.append((start - end, prev[:60], name[:60]))
+                busy += stop - start
+                end, prev = stop, name
+            elif stop > end:
+                busy += stop - end
+                end, prev = stop, name
+        gaps.sort(reverse=True)
+        out["gpu_busy_ms"] = busy / 1e3
+        out["gpu_span_ms"] = (spans[-1][1] - spans[0][0]) / 1e3 if spans else 0.0
+        out["gaps_ms_total"] = sum(g[0] for g in gaps) / 1e3
+        out["gaps_top"] = [{"ms": round(g / 1e3, 3), "after": a, "before": b} for g, a, b in gaps[:15]]
+        copies = []
+        for evt in prof.key_averages(group_by_input_shape=True):
+            if evt.key in (
+                "aten::copy_",
+                "aten::clone",
+                "aten::contiguous",
+                "aten::index_select",
+                "aten::cat",
+            ):
+                t = getattr(evt, "device_time_total", 0) or getattr(evt, "cuda_time_total", 0) or 0
+                copies.append((t / 1e3, evt.key, str(evt.input_shapes)[:150], evt.count))
+        copies.sort(reverse=True)
+        out["copies_top"] = [
+            {"ms": round(t, 2), "op": k, "shapes": sh, "calls": n} for t, k, sh, n in copies[:12]
+        ]
+        return out
     except Exception as exc:  # a diagnostic only
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
 
@@ -358,7 +395,7 @@ def ftpipe_trainer(model: nn.Module, rows, cfg: dict[str, Any], steps: int, time
         model=model,
         args=args,
         train_dataset=Rows(rows),
-        data_collator=PackedCollator(),
+        data_collator=PackedCollator(**speed.collator_kwargs(cfg["train"], "cuda")),
         callbacks=[timer.callback()],
         loss_mode=speed.loss_mode(cfg["train"], "cuda"),
         device="cuda",
@@ -385,7 +422,7 @@ def saved_activations(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[
 
     handles = [layer.register_forward_hook(hook) for layer in decoder_stack(model).layers]
     model.train()
-    batch = {k: v.cuda() for k, v in batch.items()}
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     last[0] = base
@@ -415,6 +452,7 @@ def measure(side: str, case: dict[str, Any], rows, args, overrides: dict[str, An
         model = hf_model(case, path)
         trainer = hf_trainer(model, rows[:n_rows], case, steps, timer, args.hf_optim)
     else:
+        torch._dynamo.reset()  # no compiled graph of an earlier variant (other levers) is reused
         cfg = ftpipe_cfg(case, overrides or {})
         model = ftpipe_model(case, path, cfg)
         trainer = ftpipe_trainer(model, rows[:n_rows], cfg, steps, timer)
@@ -432,7 +470,10 @@ def measure(side: str, case: dict[str, Any], rows, args, overrides: dict[str, An
             if side == "hf":
                 one = {k: torch.stack([torch.as_tensor(r[k]) for r in rows[: case["batch"]]]) for k in COLS}
             else:
-                one = PackedCollator()(rows[: case["batch"]])
+                from ftpipe.training import speed
+
+                kw = speed.collator_kwargs(cfg["train"], "cuda")
+                one = PackedCollator(**kw)([{k: r[k].tolist() for k in COLS} for r in rows[: case["batch"]]])
             mem = saved_activations(model, one)
         except Exception as exc:  # a diagnostic: never fail the run for it
             mem = {"error": f"{type(exc).__name__}: {exc}"[:300]}
@@ -472,7 +513,7 @@ def measure(side: str, case: dict[str, Any], rows, args, overrides: dict[str, An
 def _loss_and_grads(model: nn.Module, batch: dict[str, torch.Tensor], autocast: bool) -> tuple[float, dict]:
     model.train()
     model.zero_grad(set_to_none=True)
-    batch = {k: v.cuda() for k, v in batch.items()}
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         out = model(**batch)
     out.loss.backward()
@@ -519,10 +560,15 @@ def guard(case_name: str, rows, args, overrides: dict[str, Any]) -> dict[str, An
     cleanup()
     cfg = ftpipe_cfg(case, overrides)
     fast = ftpipe_model(case, path, cfg)
+    if case["method"] != "qlora":
+        fast = fast.cuda()  # (the Trainer moves it in training; 4-bit models are placed at load)
     dtype = next(p for n, p in fast.named_parameters() if "lora_A" in n).dtype
     set_peft_model_state_dict(fast, {k: v.to(dtype) for k, v in adapters.items()})
+    from ftpipe.training import speed
+
+    collate = PackedCollator(**speed.collator_kwargs(cfg["train"], "cuda"))
     fast_loss, fast_grads = _loss_and_grads(
-        fast, PackedCollator()([{k: r[k].tolist() for k in COLS} for r in batch_rows]), autocast=True
+        fast, collate([{k: r[k].tolist() for k in COLS} for r in batch_rows]), autocast=True
     )
     del fast
     cleanup()
@@ -649,7 +695,12 @@ def parse_variants(spec: str) -> list[tuple[str, dict[str, Any]]]:
         d: dict[str, Any] = {}
         for item in filter(None, kv.split("+")):
             k, _, v = item.partition("=")
-            d[k] = int(v) if v.isdigit() else v
+            for conv in (int, float, str):
+                try:
+                    d[k] = conv(v)
+                    break
+                except ValueError:
+                    continue
         out.append((name, d))
     return out
 

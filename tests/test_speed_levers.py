@@ -173,6 +173,7 @@ def test_fast_path_matches_plain_path_on_tiny_llama(checkpointing: str) -> None:
     ids = torch.randint(0, 256, pos.shape)
     labels = ids.clone()
     labels[pos == 0] = -100
+    labels[:, 3:12] = -100  # prompt-like stretches: the fused loss then runs the head on trained tokens only
     plain = _tiny_peft(None)
     ref_loss, ref_grads = _loss_grads(plain, {"input_ids": ids, "labels": labels, "position_ids": pos})
     train_cfg = {
@@ -188,8 +189,10 @@ def test_fast_path_matches_plain_path_on_tiny_llama(checkpointing: str) -> None:
     }
     fast = _tiny_peft(train_cfg)
     rows = [{"input_ids": ids[i], "labels": labels[i], "position_ids": pos[i]} for i in range(2)]
-    batch = PackedCollator()(rows)
+    batch = PackedCollator(boundaries=True)(rows)
     assert batch["input_ids"].shape == (1, 64)
+    assert batch["cu_seq_lens_q"].tolist() == [0, 5, 22, 32, 64] and batch["max_length_q"] == 64
+    assert batch["loss_tokens"] == int((labels[:, 1:] != -100).sum())
     loss, grads = _loss_grads(fast, batch)
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
     assert set(grads) == set(ref_grads) and len(grads) == 2 * 7 * 2

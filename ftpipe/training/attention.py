@@ -174,11 +174,13 @@ class PackedBoundaries:
         position_ids = kwargs.get("position_ids")
         if position_ids is None or kwargs.get("past_key_values") is not None:
             return args, kwargs
-        if self.attention == VARLEN and kwargs.get("cu_seq_lens_q") is None:
-            cu, max_len = cu_seqlens_from_position_ids(position_ids)
-            max_len = min(max(256, 1 << (max_len - 1).bit_length()), position_ids.numel())
+        if self.attention == VARLEN:
+            cu = kwargs.get("cu_seq_lens_q")
+            if cu is None:  # not given by the collator: one host sync here, once per forward
+                cu, max_len = cu_seqlens_from_position_ids(position_ids)
+                max_len = min(max(256, 1 << (max_len - 1).bit_length()), position_ids.numel())
+                kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
             torch._dynamo.maybe_mark_dynamic(cu, 0)  # the number of documents varies from step to step
-            kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
         elif self.attention == FLEX and kwargs.get("ftpipe_block_mask") is None:
             kwargs["ftpipe_block_mask"] = document_block_mask(position_ids)
         return args, kwargs

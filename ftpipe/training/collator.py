@@ -15,9 +15,17 @@ import torch
 
 
 class PackedCollator:
-    """Concatenate packed rows into one [1, total_tokens] row, keeping each document's position_ids."""
+    """Concatenate packed rows into one [1, total_tokens] row, keeping each document's position_ids.
 
-    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    With `boundaries=True` (the speed levers on CUDA) it also hands the model what it would otherwise read back
+    from the GPU (a host sync each): the document boundaries `cu_seq_lens_q/k` (int32) and `max_length_q/k`
+    (the longest document rounded up to a power of two, an upper bound the varlen kernel accepts and that
+    varies little from batch to batch, so compiled layers rarely see a new value), and `loss_tokens`."""
+
+    def __init__(self, boundaries: bool = False) -> None:
+        self.boundaries = boundaries
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         input_ids: list[int] = []
         labels: list[int] = []
         position_ids: list[int] = []
@@ -33,15 +41,26 @@ class PackedCollator:
             labels += [-100, *lab[1:]] if lab else []
             input_ids += ids
             position_ids += pos
-        return {
+        batch: dict[str, Any] = {
             "input_ids": torch.tensor([input_ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),
             "position_ids": torch.tensor([position_ids], dtype=torch.long),
         }
+        if self.boundaries:
+            spans = documents(batch["position_ids"])
+            cu = torch.tensor([0] + [end for _, end in spans], dtype=torch.int32)
+            longest = max(end - start for start, end in spans)
+            bound = min(max(256, 1 << (longest - 1).bit_length()), len(input_ids))
+            batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=bound, max_length_k=bound)
+            # How many next-token targets train (not -100, not across a document start): lets the fused loss
+            # pick the trained positions on the GPU without reading a count back (no host sync).
+            lab, pos = batch["labels"][0], batch["position_ids"][0]
+            batch["loss_tokens"] = int(((lab[1:] != -100) & (pos[1:] == pos[:-1] + 1)).sum())
+        return batch
 
 
 def documents(position_ids: torch.Tensor) -> list[tuple[int, int]]:
     """(start, end) of each document in a flattened row, read from where position_ids restart at 0."""
-    flat = position_ids.view(-1).tolist()
+    flat = position_ids.reshape(-1).tolist()
     starts = [i for i, p in enumerate(flat) if p == 0] + [len(flat)]
     return list(zip(starts[:-1], starts[1:], strict=True))

@@ -30,6 +30,7 @@ class Levers:
     checkpointing: str  # none | full | offload | selective
     adapter_dtype: str  # bf16 | fp32
     tokens_per_micro_batch: int | None
+    activation_budget: float | None = None
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -77,6 +78,7 @@ def resolve(train_cfg: Any, device: torch.device | str) -> Levers:
         checkpointing=ckpt,
         adapter_dtype=adapter_dtype,
         tokens_per_micro_batch=_get(speed, "tokens_per_micro_batch"),
+        activation_budget=_get(speed, "activation_budget"),
     )
 
 
@@ -412,8 +414,12 @@ def wrap_layers(model: nn.Module, levers: Levers) -> None:
         stack.register_forward_pre_hook(lambda *_: offloader.reset())
     if levers.compile:
         import torch._dynamo as dynamo
+        import torch._functorch.config as functorch_config
 
         dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+        # Read when the layers compile (at the first step): below 1.0 the partitioner recomputes the cheapest
+        # activations (elementwise ops first) in backward instead of keeping them.
+        functorch_config.activation_memory_budget = levers.activation_budget or 1.0
     # A tensor that needs grad, so the checkpoint node is part of the graph even where the layer's input
     # (the frozen embeddings' output) does not need grad.
     anchor = torch.zeros((), requires_grad=True)

@@ -123,6 +123,14 @@ def linear_cross_entropy_sum(
     raise ValueError(f"unknown fused cross-entropy implementation {impl!r}")
 
 
+def _positions(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the True entries of a 1-D mask whose count is known: nonzero_static does not sync."""
+    try:
+        return torch.nonzero_static(mask, size=count).squeeze(1)
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return torch.nonzero(mask).squeeze(1)
+
+
 def causal_lm_forward(impl: str) -> Any:
     """A forward for `*ForCausalLM` models (Llama, Qwen2, Mistral, ... : `.model` + `.lm_head`) that uses the
     fused loss whenever labels are given and gradients are on; otherwise the model's own forward runs."""
@@ -154,6 +162,7 @@ def causal_lm_forward(impl: str) -> Any:
                 **kwargs,
             )
         num_items = kwargs.pop("num_items_in_batch", None)
+        n_targets = kwargs.pop("loss_tokens", None)  # from PackedCollator(boundaries=True): a CPU int
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -168,16 +177,22 @@ def causal_lm_forward(impl: str) -> Any:
         if attention_mask is not None and attention_mask.dim() == 2:
             targets = targets.masked_fill(attention_mask == 0, IGNORE)
         head = self.lm_head
-        # Answer-only: the head runs on trained positions only (most of a chat row is prompt, label -100).
-        valid = targets != IGNORE
-        if bool(valid.any()):
-            total = linear_cross_entropy_sum(hidden[valid], head.weight, head.bias, targets[valid], impl)
-        else:  # nothing to learn in this micro-batch: a zero that still reaches every trained parameter
+        x, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        if n_targets is not None and n_targets < 0.9 * y.numel():
+            # Answer-only: the head runs on trained positions only (most of a chat row is prompt, label -100);
+            # the count is known on the host, so picking them needs no sync.
+            idx = _positions(y != IGNORE, n_targets)
+            x, y = x.index_select(0, idx), y.index_select(0, idx)
+        if n_targets == 0:  # nothing to learn in this micro-batch: a zero that still reaches every adapter
             total = hidden.float().sum() * 0.0
-        if num_items is None:
-            denom = valid.sum().clamp(min=1)
         else:
+            total = linear_cross_entropy_sum(x, head.weight, head.bias, y, impl)
+        if num_items is not None:
             denom = torch.as_tensor(num_items, device=total.device)
+        elif n_targets is not None:
+            denom = torch.tensor(max(n_targets, 1), device=total.device)
+        else:
+            denom = (targets != IGNORE).sum().clamp(min=1)
         loss = total / denom.to(total.dtype)
         return CausalLMOutputWithPast(loss=loss, logits=None)
 

@@ -93,6 +93,13 @@ def after_peft(model: nn.Module, train_cfg: dict[str, Any], device: torch.device
     return model
 
 
+def collator_kwargs(train_cfg: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """PackedCollator options: with the CUDA levers it also computes the document boundaries and the trained
+    token count on the CPU, so the GPU step reads nothing back."""
+    levers = lv.resolve(train_cfg, _kind(device))
+    return {"boundaries": levers.attention == "varlen" or levers.fused_ce != "off"}
+
+
 def loss_mode(train_cfg: dict[str, Any], device: torch.device | str) -> str:
     """FtTrainer's loss path: with the fused cross-entropy the model computes the loss itself (`full`), on the
     trained tokens only (the answer-only saving is kept: see loss.causal_lm_forward)."""
