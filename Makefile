@@ -3,6 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
+BENCH_PY ?= python3
+BENCH_ARGS ?=
 
 .PHONY: help setup demo test test-full lint bench clean
 
@@ -31,8 +33,8 @@ lint: setup  ## ruff
 	$(VENV)/bin/ruff check ftpipe tests scripts
 	$(VENV)/bin/ruff format --check ftpipe tests scripts
 
-bench: setup  ## GPU speed benchmark (run on the GPU machine)
-	$(PY) scripts/bench.py
+bench:  ## GPU speed benchmark: HF+PEFT vs ftpipe, side by side (GPU machine; its own python3, BENCH_ARGS=...)
+	$(BENCH_PY) scripts/bench.py $(BENCH_ARGS)
 
 clean:  ## remove build leftovers (not the cache)
 	rm -rf build dist *.egg-info outputs multirun

@@ -94,8 +94,9 @@ class SpeedConfig:
     checkpointing: str = "auto"  # auto | none | full | offload | selective
     adapter_dtype: str = "auto"  # auto | bf16 | fp32: LoRA weights' dtype (bf16 skips autocast copies)
     # compiled layers keep this fraction of their activations, recomputing the cheapest ops in backward
-    # (torch._functorch.config.activation_memory_budget); None = 1.0, nothing extra recomputed
+    # (torch._functorch.config.activation_memory_budget); None = auto (0.8 without checkpointing on CUDA)
     activation_budget: float | None = None
+    cpu_embeddings: str = "auto"  # auto | on | off: a frozen, untied input embedding table in host memory
     # micro-batches of about this many tokens (rows per optimizer step kept, via grad accumulation)
     tokens_per_micro_batch: int | None = None
 
@@ -183,6 +184,7 @@ _CHOICES = {
     "train.speed.fused_lora": {"auto", "on", "off"},
     "train.speed.checkpointing": {"auto", "none", "full", "offload", "selective"},
     "train.speed.adapter_dtype": {"auto", "bf16", "fp32"},
+    "train.speed.cpu_embeddings": {"auto", "on", "off"},
     "eval.task": {"auto", "colorist", "assistant", "none"},
     "objective.direction": {"minimize", "maximize"},
     "optimizer.name": {"adamw"},

@@ -250,13 +250,20 @@ def flops_per_token(case: dict[str, Any], rows: list[dict[str, Any]]) -> float:
 
 
 class StepTimer:
-    """Wall time between consecutive optimizer steps, with the GPU drained at each boundary; optionally a
-    torch.profiler table of the GPU kernels of two steps (`profile_at`: the first profiled step)."""
+    """Times the steps after warm-up as one window: the GPU is drained when it opens (end of step `warmup`) and
+    when it closes (end of step `warmup + steps`), and nowhere in between, so the Trainer runs as it would
+    (the CPU preparing the next step while the GPU finishes this one). Peak memory is read over the window
+    (compilation and autotuning in the warm-up excluded) and over the whole run. Optionally a torch.profiler
+    table of two more steps after the window."""
 
-    def __init__(self, profile_at: int | None = None) -> None:
-        self.times: list[float] = []
-        self.last = 0.0
-        self.profile_at = profile_at
+    def __init__(self, warmup: int, steps: int, profile: bool = False) -> None:
+        self.warmup, self.steps = warmup, steps
+        self.profile_at = warmup + steps if profile else None
+        self.marks: list[float] = []
+        self.window: tuple[float, float] | None = None
+        self.t0 = 0.0
+        self.peak_warmup = 0.0
+        self.peak_window = 0.0
         self.prof: Any = None
         self.profile: dict[str, Any] | None = None
 
@@ -266,31 +273,41 @@ class StepTimer:
         timer = self
 
         class _CB(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kw):
-                torch.cuda.synchronize()
-                timer.last = time.perf_counter()
-
             def on_step_begin(self, args, state, control, **kw):
                 if timer.profile_at is not None and state.global_step == timer.profile_at:
                     from torch.profiler import ProfilerActivity, profile
 
+                    torch.cuda.synchronize()
                     timer.prof = profile(
                         activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True
                     )
                     timer.prof.__enter__()
+                    timer.prof_t0 = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kw):
-                torch.cuda.synchronize()
-                now = time.perf_counter()
-                timer.times.append(now - timer.last)
-                if timer.prof is not None and state.global_step == timer.profile_at + 2:
+                step = state.global_step
+                if step == timer.warmup:
+                    torch.cuda.synchronize()
+                    timer.peak_warmup = torch.cuda.max_memory_allocated() / 2**30
+                    torch.cuda.reset_peak_memory_stats()
+                    timer.t0 = time.perf_counter()
+                elif step == timer.warmup + timer.steps:
+                    torch.cuda.synchronize()
+                    timer.window = (timer.t0, time.perf_counter())
+                    timer.peak_window = torch.cuda.max_memory_allocated() / 2**30
+                timer.marks.append(time.perf_counter())
+                if timer.prof is not None and step == timer.profile_at + 2:
+                    torch.cuda.synchronize()
+                    wall = time.perf_counter() - timer.prof_t0
                     timer.prof.__exit__(None, None, None)
-                    timer.profile = summarize_profile(timer.prof, now - timer.last + timer.times[-2])
+                    timer.profile = summarize_profile(timer.prof, wall)
                     timer.prof = None
-                    now = time.perf_counter()  # the profiler's teardown is not a step
-                timer.last = now
 
         return _CB()
+
+    def step_ms(self) -> list[float]:
+        """Per-step times as the host saw them (no drain at each step: indicative, the window is the figure)."""
+        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:], strict=False)]
 
 
 def summarize_profile(prof: Any, wall_s: float) -> dict[str, Any]:
@@ -446,7 +463,10 @@ def measure(side: str, case: dict[str, Any], rows, args, overrides: dict[str, An
     path = model_dir(case["shape"], args.seed)
     steps = args.warmup + args.steps
     n_rows = steps * case["batch"]
-    timer = StepTimer(profile_at=steps - 2 if args.profile and side == "ftpipe" else None)
+    timer = StepTimer(args.warmup, args.steps, profile=args.profile and side == "ftpipe")
+    if args.profile and side == "ftpipe":
+        steps += 2
+        n_rows += 2 * case["batch"]
     t0 = time.perf_counter()
     if side == "hf":
         model = hf_model(case, path)
@@ -462,7 +482,8 @@ def measure(side: str, case: dict[str, Any], rows, args, overrides: dict[str, An
     t1 = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - t1
-    peak = torch.cuda.max_memory_allocated() / 2**30
+    peak = timer.peak_window
+    peak_all = max(timer.peak_warmup, peak, torch.cuda.max_memory_allocated() / 2**30)
     reserved = torch.cuda.max_memory_reserved() / 2**30
     mem: dict[str, float] = {}
     if args.memory:
@@ -477,8 +498,8 @@ def measure(side: str, case: dict[str, Any], rows, args, overrides: dict[str, An
             mem = saved_activations(model, one)
         except Exception as exc:  # a diagnostic: never fail the run for it
             mem = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-    measured = timer.times[args.warmup :]
-    med = statistics.median(measured)
+    assert timer.window is not None, "the timed window did not close"
+    med = (timer.window[1] - timer.window[0]) / args.steps  # mean step over the window
     tokens = case["batch"] * ROW
     tps = tokens / med
     fpt = flops_per_token(case, rows[:n_rows])
@@ -490,8 +511,9 @@ def measure(side: str, case: dict[str, Any], rows, args, overrides: dict[str, An
         "side": side,
         "tok_s": tps,
         "step_ms": med * 1e3,
-        "step_ms_all": [t * 1e3 for t in timer.times],
+        "step_ms_host": timer.step_ms(),
         "peak_gib": peak,
+        "peak_all_gib": peak_all,
         "reserved_gib": reserved,
         "mfu": tps * fpt / (PEAK_TFLOPS * 1e12),
         "tflops": tps * fpt / 1e12,
@@ -748,7 +770,7 @@ def main() -> int:
         case = CASES[name]
         vocab = SHAPES[case["shape"]]["vocab_size"]
         rows = rows_cache.setdefault(
-            case["shape"], make_rows((args.warmup + args.steps) * 4, vocab, args.seed)
+            case["shape"], make_rows((args.warmup + args.steps + 2) * 4, vocab, args.seed)
         )
         sides = [s for s in ("hf", "ftpipe") if s in args.sides.split(",")]
         for side in sides:
@@ -806,22 +828,50 @@ def run_guards(args, variants, rows_cache, results, dump) -> None:
         dump()
 
 
+# issue 5's "Must show": (case, what, test on (ftpipe run, HF run))
+TARGETS_MUST = [
+    ("llama1b_lora", ">= 2.0x HF tok/s", lambda r, b: b is not None and r["tok_s"] >= 2.0 * b["tok_s"]),
+    (
+        "llama1b_lora",
+        "<= 0.35x HF peak",
+        lambda r, b: b is not None and r["peak_gib"] <= 0.35 * b["peak_gib"],
+    ),
+    ("llama1b_lora_ckpt", ">= 44k tok/s", lambda r, b: r["tok_s"] >= 44_000),
+    ("llama1b_lora_ckpt", "<= 3.5 GiB", lambda r, b: r["peak_gib"] <= 3.5),
+    ("llama1b_qlora", ">= 2.0x HF tok/s", lambda r, b: b is not None and r["tok_s"] >= 2.0 * b["tok_s"]),
+    ("llama1b_qlora", "<= 2.7 GiB", lambda r, b: r["peak_gib"] <= 2.7),
+    ("qwen7b_qlora", ">= 10k tok/s", lambda r, b: r["tok_s"] >= 10_000),
+    ("qwen7b_qlora", "<= 7.5 GiB", lambda r, b: r["peak_gib"] <= 7.5),
+]
+
+
 def report(results: dict[str, Any]) -> None:
     runs = [r for r in results.get("runs", []) if "error" not in r]
     base = {r["case"]: r for r in runs if r["side"] == "hf"}
-    log("\n| case | run | tok/s | peak GiB | MFU | tok/s ÷ HF | peak ÷ HF |")
-    log("|---|---|---|---|---|---|---|")
+    log(
+        "\n| case | run | tok/s | peak GiB (timed steps) | peak GiB (whole run) | MFU | tok/s ÷ HF | peak ÷ HF |"
+    )
+    log("|---|---|---|---|---|---|---|---|")
     for r in runs:
         b = base.get(r["case"])
         ratio = f"{r['tok_s'] / b['tok_s']:.2f}x" if b and r is not b else ""
         mem = f"{r['peak_gib'] / b['peak_gib']:.2f}x" if b and r is not b else ""
         label = "HF Trainer + PEFT" if r["side"] == "hf" else f"ftpipe ({r['variant']})"
         log(
-            f"| {r['case']} | {label} | {r['tok_s']:,.0f} | {r['peak_gib']:.2f} | {r['mfu']:.1%} | {ratio} | {mem} |"
+            f"| {r['case']} | {label} | {r['tok_s']:,.0f} | {r['peak_gib']:.2f} | {r['peak_all_gib']:.2f} "
+            f"| {r['mfu']:.1%} | {ratio} | {mem} |"
         )
     for r in results.get("runs", []):
         if "error" in r:
             log(f"| {r['case']} | {r['side']} ({r.get('variant')}) | error: {r['error'][:120]} |")
+    checks = []
+    for case, what, test in TARGETS_MUST:
+        for r in runs:
+            if r["case"] == case and r["side"] == "ftpipe":
+                ok = bool(test(r, base.get(case)))
+                checks.append({"case": case, "variant": r["variant"], "target": what, "met": ok})
+                log(f"target {case} ({r['variant']}) {what}: {'met' if ok else 'MISSED'}")
+    results["targets"] = checks
     for g in results.get("guard", []):
         log(f"guard {g['case']}: {'PASS' if g.get('pass') else 'FAIL'} {json.dumps(g)[:400]}")
 

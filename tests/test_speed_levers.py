@@ -84,7 +84,7 @@ def test_lora_linear_fn_matches_autograd() -> None:
     w, bias = torch.randn(8, 12, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
     a = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
     b = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
-    out = lv.LoraLinearFn.apply(x, w, bias, a, b, 0.25)
+    out = lv.lora_linear(x, w, bias, a, b, 0.25)
     ref = F.linear(x, w, bias) + 0.25 * (x @ a.T) @ b.T
     torch.testing.assert_close(out, ref)
     g = torch.randn_like(ref)
@@ -107,13 +107,13 @@ def test_lora_4bit_fn_matches_dequantized_reference() -> None:
     a = torch.randn(4, 64, requires_grad=True)
     b = torch.randn(48, 4, requires_grad=True)
     with torch.autocast("cpu", enabled=False):
-        out = lv.Lora4bitFn.apply(x.bfloat16(), *quant, None, a.bfloat16(), b.bfloat16(), 0.5, meta)
+        out = lv.lora_linear_nf4(x.bfloat16(), list(quant), None, a.bfloat16(), b.bfloat16(), 0.5, meta)
     ref = x @ wd.T + 0.5 * (x @ a.T) @ b.T
     assert ((out.float() - ref).norm() / ref.norm()) < 1e-2
     g = torch.randn_like(ref)
     xb, ab, bb = (t.detach().bfloat16().requires_grad_() for t in (x, a, b))
     got = torch.autograd.grad(
-        lv.Lora4bitFn.apply(xb, *quant, None, ab, bb, 0.5, meta), (xb, ab, bb), g.bfloat16()
+        lv.lora_linear_nf4(xb, list(quant), None, ab, bb, 0.5, meta), (xb, ab, bb), g.bfloat16()
     )
     want = torch.autograd.grad(ref, (x, a, b), g)
     for gg, ww in zip(got, want, strict=True):

@@ -3,9 +3,9 @@
 `resolve()` turns the config (where `auto` is the default) into concrete choices for a device; the hooks in
 `speed.py` apply them at three points: loading the model, after loading (before PEFT), after PEFT. On the CPU
 every `auto` resolves to the plain path. docs/performance.md has the measurements behind the CUDA defaults.
-"""
 
-from __future__ import annotations
+No `from __future__ import annotations` here: torch.library.custom_op reads the fused-LoRA ops' annotations.
+"""
 
 import functools
 import importlib.util
@@ -31,6 +31,7 @@ class Levers:
     adapter_dtype: str  # bf16 | fp32
     tokens_per_micro_batch: int | None
     activation_budget: float | None = None
+    cpu_embeddings: bool = False
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -78,7 +79,12 @@ def resolve(train_cfg: Any, device: torch.device | str) -> Levers:
         checkpointing=ckpt,
         adapter_dtype=adapter_dtype,
         tokens_per_micro_batch=_get(speed, "tokens_per_micro_batch"),
-        activation_budget=_get(speed, "activation_budget"),
+        # Without checkpointing, compiled layers keep 80% of their activations (the partitioner recomputes the
+        # cheapest elementwise ones): -23% memory for -4% speed on Llama-3.2-1B (docs/performance.md).
+        activation_budget=_get(speed, "activation_budget")
+        or (0.8 if compile_on and ckpt == "none" else None),
+        # QLoRA is the memory-first method: its frozen input embeddings (untied) stay in host memory.
+        cpu_embeddings=pick("cpu_embeddings", "on" if cuda and method == "qlora" else "off") == "on",
     )
 
 
@@ -132,46 +138,108 @@ def install_packed_attention(model: nn.Module, levers: Levers) -> None:
 # ---------------------------------------------------------------------------------------------------- fused LoRA
 
 
-def _lora_part(h: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """s (x A^T) B^T (+ bias), the C that the base GEMM then accumulates into (beta=1 in its epilogue): no
-    in-place update of a saved output, so selective checkpointing may keep it."""
-    bs = b.t() * scale
-    return torch.addmm(bias, h, bs) if bias is not None else h @ bs
+# Fused LoRA linears as custom ops: torch.compile keeps them opaque (one extern call each), so the in-place
+# beta=1 accumulation below survives; traced as plain aten ops, functionalization turns `addmm_` into an
+# out-of-place addmm, which ATen runs as a copy of C plus the GEMM (one more full pass over the output).
+# Numbers: docs/performance.md.
 
 
-class LoraLinearFn(torch.autograd.Function):
-    """y = x W^T + b + s (x A^T) B^T as one autograd node (bf16 base weight W).
+def _lora_out(
+    x2: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    h: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    out = torch.nn.functional.linear(x2, w, bias)
+    return out.addmm_(h, b.t(), alpha=scale)  # s (x A^T) B^T added in the GEMM epilogue, in place
 
-    Saves x (shared with the sibling projections that read the same input) and the rank-r product x A^T;
-    backward is three matmuls plus one fused add (dx = dy W + s (dy B) A). Replaces PEFT's chain of linear,
-    linear, scale, add, whose backward adds full-size elementwise passes per projection."""
 
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        scale: float,
-    ) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        h = x2 @ a.t()
-        out = torch.addmm(_lora_part(h, b, bias, scale), x2, weight.t())
-        ctx.save_for_backward(x2, h, a, b, weight)
-        ctx.scale, ctx.x_shape = scale, x.shape
-        return out.view(*x.shape[:-1], out.shape[-1])
+def _lora_grads(
+    d: torch.Tensor,
+    x2: torch.Tensor,
+    w: torch.Tensor | None,
+    h: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dh = (d @ b).mul_(scale)
+    dx = (d @ w).addmm_(dh, a) if w is not None else d.new_empty(0)
+    return dx, dh.t() @ x2, (d.t() @ h).mul_(scale)
 
-    @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple:
-        x2, h, a, b, weight = ctx.saved_tensors
-        d = dy.reshape(-1, dy.shape[-1])
-        dh = (d @ b).mul_(ctx.scale)
-        dx = (d @ weight).addmm_(dh, a).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        da = dh.t() @ x2 if ctx.needs_input_grad[3] else None
-        db = (d.t() @ h).mul_(ctx.scale) if ctx.needs_input_grad[4] else None
-        return dx, None, None, da, db, None
+
+@torch.library.custom_op("ftpipe::lora_linear", mutates_args=())
+def lora_linear_fwd(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x W^T + bias + s (x A^T) B^T, x A^T) for x [..., in]; the second output is saved for backward."""
+    x2 = x.reshape(-1, x.shape[-1])
+    h = x2 @ a.t()
+    return _lora_out(x2, w, bias, h, b, scale).view(*x.shape[:-1], w.shape[0]), h
+
+
+@lora_linear_fwd.register_fake
+def _(x, w, bias, a, b, scale):
+    return x.new_empty(*x.shape[:-1], w.shape[0]), x.new_empty(x.numel() // x.shape[-1], a.shape[0])
+
+
+@torch.library.custom_op("ftpipe::lora_linear_bwd", mutates_args=())
+def lora_linear_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    h: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+    need_dx: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dA, dB): dx = dy W + s (dy B) A (empty when not needed), dA = s (dy B)^T x, dB = s dy^T (x A^T)."""
+    d = dy.reshape(-1, dy.shape[-1])
+    dx, da, db = _lora_grads(d, x.reshape(-1, x.shape[-1]), w if need_dx else None, h, a, b, scale)
+    return (dx.view(x.shape) if need_dx else dx), da, db
+
+
+@lora_linear_bwd.register_fake
+def _(dy, x, w, h, a, b, scale, need_dx):
+    return (x.new_empty(x.shape) if need_dx else x.new_empty(0)), a.new_empty(a.shape), b.new_empty(b.shape)
+
+
+def _lora_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, w, _bias, a, b, scale = inputs
+    ctx.save_for_backward(x, w, output[1], a, b)
+    ctx.scale = scale
+
+
+def _lora_backward(ctx: Any, dy: torch.Tensor, _dh: Any) -> tuple:
+    x, w, h, a, b = ctx.saved_tensors
+    need_dx = ctx.needs_input_grad[0]
+    dx, da, db = lora_linear_bwd(dy, x, w, h, a, b, ctx.scale, need_dx)
+    return (dx if need_dx else None), None, None, da, db, None
+
+
+lora_linear_fwd.register_autograd(_lora_backward, setup_context=_lora_setup)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """y = x W^T + b + s (x A^T) B^T as one autograd node. Saves x (shared with the sibling projections that
+    read the same input) and the rank-r x A^T; backward is three GEMMs plus one accumulating in place.
+    Replaces PEFT's chain of linear, linear, scale, add (and its backward's extra full-size passes)."""
+    return lora_linear_fwd(x, w, bias, a, b, scale)[0]
 
 
 def dequantize_nf4(
@@ -182,8 +250,7 @@ def dequantize_nf4(
     offset: torch.Tensor | None,
     meta: tuple,
 ) -> torch.Tensor:
-    """bitsandbytes 4-bit weight -> compute dtype, through bitsandbytes' registered torch ops (they have fake
-    implementations, so a compiled layer keeps them in its graph instead of breaking around them)."""
+    """bitsandbytes 4-bit weight -> compute dtype, through bitsandbytes' registered torch ops."""
     blocksize, blocksize2, quant_type, shape, dtype = meta
     if absmax2 is not None:  # double quantization: the block scales are themselves 8-bit
         absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
@@ -195,43 +262,137 @@ def dequantize_nf4(
     )
 
 
-class Lora4bitFn(torch.autograd.Function):
-    """`LoraLinearFn` over a 4-bit base: W is dequantized in forward and again in backward, never kept."""
+@torch.library.custom_op("ftpipe::lora_linear_nf4", mutates_args=())
+def lora_nf4_fwd(
+    x: torch.Tensor,
+    data: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+    blocksize: int,
+    blocksize2: int,
+    quant_type: str,
+    shape: list[int],
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`lora_linear` over a bitsandbytes nf4 weight, dequantized here and again in backward, never kept."""
+    meta = (blocksize, blocksize2, quant_type, shape, dtype)
+    w = dequantize_nf4(data, absmax, absmax2, code2, offset, meta)
+    x2 = x.reshape(-1, x.shape[-1])
+    h = x2 @ a.t()
+    return _lora_out(x2, w, bias, h, b, scale).view(*x.shape[:-1], shape[0]), h
 
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: torch.Tensor,
-        data: torch.Tensor,
-        absmax: torch.Tensor,
-        absmax2: torch.Tensor | None,
-        code2: torch.Tensor | None,
-        offset: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        a: torch.Tensor,
-        b: torch.Tensor,
-        scale: float,
-        meta: tuple,
-    ) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        h = x2 @ a.t()
-        w = dequantize_nf4(data, absmax, absmax2, code2, offset, meta)
-        out = torch.addmm(_lora_part(h, b, bias, scale), x2, w.t())
-        ctx.save_for_backward(x2, h, a, b, data, absmax, absmax2, code2, offset)
-        ctx.scale, ctx.x_shape, ctx.meta = scale, x.shape, meta
-        return out.view(*x.shape[:-1], out.shape[-1])
 
-    @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple:
-        x2, h, a, b, *quant = ctx.saved_tensors
-        d = dy.reshape(-1, dy.shape[-1])
-        dh = (d @ b).mul_(ctx.scale)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = (d @ dequantize_nf4(*quant, ctx.meta)).addmm_(dh, a).view(ctx.x_shape)
-        da = dh.t() @ x2 if ctx.needs_input_grad[7] else None
-        db = (d.t() @ h).mul_(ctx.scale) if ctx.needs_input_grad[8] else None
-        return (dx, *([None] * 6), da, db, None, None)
+@lora_nf4_fwd.register_fake
+def _(
+    x,
+    data,
+    absmax,
+    absmax2,
+    code2,
+    offset,
+    bias,
+    a,
+    b,
+    scale,
+    blocksize,
+    blocksize2,
+    quant_type,
+    shape,
+    dtype,
+):
+    return x.new_empty(*x.shape[:-1], shape[0]), x.new_empty(x.numel() // x.shape[-1], a.shape[0])
+
+
+@torch.library.custom_op("ftpipe::lora_linear_nf4_bwd", mutates_args=())
+def lora_nf4_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    data: torch.Tensor,
+    absmax: torch.Tensor,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    h: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+    blocksize: int,
+    blocksize2: int,
+    quant_type: str,
+    shape: list[int],
+    dtype: torch.dtype,
+    need_dx: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    w = None
+    if need_dx:
+        w = dequantize_nf4(
+            data, absmax, absmax2, code2, offset, (blocksize, blocksize2, quant_type, shape, dtype)
+        )
+    d = dy.reshape(-1, dy.shape[-1])
+    dx, da, db = _lora_grads(d, x.reshape(-1, x.shape[-1]), w, h, a, b, scale)
+    return (dx.view(x.shape) if need_dx else dx), da, db
+
+
+@lora_nf4_bwd.register_fake
+def _(
+    dy,
+    x,
+    data,
+    absmax,
+    absmax2,
+    code2,
+    offset,
+    h,
+    a,
+    b,
+    scale,
+    blocksize,
+    blocksize2,
+    quant_type,
+    shape,
+    dtype,
+    need_dx,
+):
+    return (x.new_empty(x.shape) if need_dx else x.new_empty(0)), a.new_empty(a.shape), b.new_empty(b.shape)
+
+
+def _nf4_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, data, absmax, absmax2, code2, offset, _bias, a, b, scale, *meta = inputs
+    ctx.save_for_backward(x, data, absmax, absmax2, code2, offset, output[1], a, b)
+    ctx.scale, ctx.meta = scale, meta
+
+
+def _nf4_backward(ctx: Any, dy: torch.Tensor, _dh: Any) -> tuple:
+    x, data, absmax, absmax2, code2, offset, h, a, b = ctx.saved_tensors
+    need_dx = ctx.needs_input_grad[0]
+    dx, da, db = lora_nf4_bwd(
+        dy, x, data, absmax, absmax2, code2, offset, h, a, b, ctx.scale, *ctx.meta, need_dx
+    )
+    return (dx if need_dx else None), *([None] * 6), da, db, *([None] * 6)
+
+
+lora_nf4_fwd.register_autograd(_nf4_backward, setup_context=_nf4_setup)
+
+
+def lora_linear_nf4(
+    x: torch.Tensor,
+    quant: list,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: float,
+    meta: tuple,
+) -> torch.Tensor:
+    blocksize, blocksize2, quant_type, shape, dtype = meta
+    return lora_nf4_fwd(x, *quant, bias, a, b, scale, blocksize, blocksize2, quant_type, list(shape), dtype)[
+        0
+    ]
 
 
 _NF4_BUFFERS = ("_ftpipe_w4", "_ftpipe_absmax", "_ftpipe_absmax2", "_ftpipe_code2", "_ftpipe_offset")
@@ -293,8 +454,8 @@ def _fused_lora_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: 
     scale = float(self.scaling[name])
     if self._ftpipe_nf4 is not None:
         quant = [getattr(self, n) for n in _NF4_BUFFERS]
-        return Lora4bitFn.apply(x, *quant, base.bias, a, b, scale, self._ftpipe_nf4)
-    return LoraLinearFn.apply(x, base.weight, base.bias, a, b, scale)
+        return lora_linear_nf4(x, quant, base.bias, a, b, scale, self._ftpipe_nf4)
+    return lora_linear(x, base.weight, base.bias, a, b, scale)
 
 
 def fuse_lora(model: nn.Module) -> int:
@@ -484,6 +645,39 @@ def _selective(inner: Callable) -> Callable:
 
 
 # ---------------------------------------------------------------------------------------------------- the hooks
+
+
+class HostEmbedding(nn.Module):
+    """A frozen input embedding kept in (pinned) host memory: the rows of a micro-batch are gathered on the CPU
+    and copied over, instead of holding the whole table on the GPU (1 GiB for Qwen2.5-7B's 152k x 3584)."""
+
+    def __init__(self, emb: nn.Embedding) -> None:
+        super().__init__()
+        self.weight_host = emb.weight.detach().to("cpu")  # a plain attribute: model.to(device) leaves it
+        self.padding_idx = emb.padding_idx
+        self.embedding_dim = emb.embedding_dim
+        self.num_embeddings = emb.num_embeddings
+        self.device = emb.weight.device
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1).to("cpu")
+        pin = torch.cuda.is_available()  # pinned: the copy below runs asynchronously
+        buf = torch.empty((flat.numel(), self.embedding_dim), dtype=self.weight_host.dtype, pin_memory=pin)
+        torch.index_select(self.weight_host, 0, flat, out=buf)
+        return buf.to(self.device, non_blocking=True).view(*ids.shape, self.embedding_dim)
+
+
+def host_embeddings(model: nn.Module) -> bool:
+    """Move a frozen, untied input embedding to host memory (`HostEmbedding`); False where it is tied to the
+    output head (Llama-3.2-1B: the same matrix is the LM head's) or trains."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    emb, head = base.get_input_embeddings(), base.get_output_embeddings()
+    if type(emb) is not nn.Embedding or emb.weight.requires_grad or emb.weight.device.type != "cuda":
+        return False
+    if head is not None and getattr(head, "weight", None) is emb.weight:
+        return False
+    base.set_input_embeddings(HostEmbedding(emb))
+    return True
 
 
 def cast_adapters(model: nn.Module, dtype: torch.dtype) -> None:

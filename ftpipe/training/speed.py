@@ -88,6 +88,8 @@ def after_peft(model: nn.Module, train_cfg: dict[str, Any], device: torch.device
         lv.cast_adapters(model, compute_dtype(train_cfg, kind))
     if levers.fused_lora:
         lv.fuse_lora(model)
+    if levers.cpu_embeddings:
+        lv.host_embeddings(model)
     if levers.compile or levers.checkpointing in ("offload", "selective"):
         lv.wrap_layers(model, levers)
     return model
