@@ -198,3 +198,21 @@ def test_fast_path_matches_plain_path_on_tiny_llama(checkpointing: str) -> None:
     assert set(grads) == set(ref_grads) and len(grads) == 2 * 7 * 2
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_host_embedding_gathers_on_the_host() -> None:
+    """QLoRA's frozen input embedding kept in host memory: same rows as the GPU table would give, from the
+    collator's host copy of the ids when there is one."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(50, 8)
+    emb.weight.requires_grad_(False)
+    host = lv.HostEmbedding(emb)
+    ids = torch.randint(0, 50, (1, 12))
+    batch = PackedCollator(host_ids=True)(
+        [{"input_ids": ids[0], "labels": ids[0], "position_ids": torch.arange(12)}]
+    )
+    assert batch["host_input_ids"].tensor.tolist() == ids.tolist()
+    host.pending = batch["host_input_ids"].tensor
+    torch.testing.assert_close(host(ids), emb(ids))
+    assert host.pending is None
+    torch.testing.assert_close(host(ids), emb(ids))  # no host copy: read back from the ids' device

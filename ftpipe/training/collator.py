@@ -9,9 +9,17 @@ and each document's first label is -100, so neither attention nor the loss cross
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+
+@dataclass
+class HostTensor:
+    """A tensor that stays on the host: Trainer moves tensors in a batch to the GPU, not other objects."""
+
+    tensor: torch.Tensor
 
 
 class PackedCollator:
@@ -22,8 +30,9 @@ class PackedCollator:
     (the longest document rounded up to a power of two, an upper bound the varlen kernel accepts and that
     varies little from batch to batch, so compiled layers rarely see a new value), and `loss_tokens`."""
 
-    def __init__(self, boundaries: bool = False) -> None:
+    def __init__(self, boundaries: bool = False, host_ids: bool = False) -> None:
         self.boundaries = boundaries
+        self.host_ids = host_ids
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         input_ids: list[int] = []
@@ -56,6 +65,8 @@ class PackedCollator:
             # pick the trained positions on the GPU without reading a count back (no host sync).
             lab, pos = batch["labels"][0], batch["position_ids"][0]
             batch["loss_tokens"] = int(((lab[1:] != -100) & (pos[1:] == pos[:-1] + 1)).sum())
+        if self.host_ids:  # the ids for an input embedding kept in host memory (levers.HostEmbedding)
+            batch["host_input_ids"] = HostTensor(batch["input_ids"])
         return batch
 
 

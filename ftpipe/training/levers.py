@@ -658,9 +658,16 @@ class HostEmbedding(nn.Module):
         self.embedding_dim = emb.embedding_dim
         self.num_embeddings = emb.num_embeddings
         self.device = emb.weight.device
+        self.pending: torch.Tensor | None = None  # host copy of the next call's ids (see stash_host_ids)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        flat = ids.reshape(-1).to("cpu")
+        host, self.pending = self.pending, None
+        # ids from the collator's host copy; else read back from the GPU (a sync)
+        flat = (
+            host.reshape(-1)
+            if host is not None and host.numel() == ids.numel()
+            else ids.reshape(-1).to("cpu")
+        )
         pin = torch.cuda.is_available()  # pinned: the copy below runs asynchronously
         buf = torch.empty((flat.numel(), self.embedding_dim), dtype=self.weight_host.dtype, pin_memory=pin)
         torch.index_select(self.weight_host, 0, flat, out=buf)
@@ -676,7 +683,16 @@ def host_embeddings(model: nn.Module) -> bool:
         return False
     if head is not None and getattr(head, "weight", None) is emb.weight:
         return False
-    base.set_input_embeddings(HostEmbedding(emb))
+    host = HostEmbedding(emb)
+    base.set_input_embeddings(host)
+
+    def stash_host_ids(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        held = kwargs.pop("host_input_ids", None)
+        if held is not None:
+            host.pending = getattr(held, "tensor", held)
+        return args, kwargs
+
+    decoder_stack(model).register_forward_pre_hook(stash_host_ids, with_kwargs=True)
     return True
 
 

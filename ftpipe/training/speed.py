@@ -99,7 +99,10 @@ def collator_kwargs(train_cfg: dict[str, Any], device: torch.device | str) -> di
     """PackedCollator options: with the CUDA levers it also computes the document boundaries and the trained
     token count on the CPU, so the GPU step reads nothing back."""
     levers = lv.resolve(train_cfg, _kind(device))
-    return {"boundaries": levers.attention == "varlen" or levers.fused_ce != "off"}
+    return {
+        "boundaries": levers.attention == "varlen" or levers.fused_ce != "off",
+        "host_ids": levers.cpu_embeddings,
+    }
 
 
 def loss_mode(train_cfg: dict[str, Any], device: torch.device | str) -> str:
