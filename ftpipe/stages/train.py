@@ -60,6 +60,7 @@ def training_arguments(
         remove_unused_columns=False,  # the collator picks its columns; doc_lens etc. must reach it
         include_num_input_tokens_seen=True,
         disable_tqdm=False,
+        **speed.training_args_overrides(train, device),
     )
 
 

@@ -105,6 +105,20 @@ def collator_kwargs(train_cfg: dict[str, Any], device: torch.device | str) -> di
     }
 
 
+def training_args_overrides(train_cfg: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+    """TrainingArguments for a step with no host syncs (CUDA levers on): Trainer's NaN filter on the logged
+    loss reads the loss back after every backward (`torch.isnan(loss)` in an `if`), which drains the GPU
+    before the optimizer step is even queued; batches are copied from pinned memory without blocking. A NaN
+    loss still shows in the logs, it is just not replaced there by the running mean."""
+    if _kind(device) != "cuda" or lv.resolve(train_cfg, "cuda").fused_ce == "off":
+        return {}
+    return {
+        "logging_nan_inf_filter": False,
+        "dataloader_pin_memory": True,
+        "accelerator_config": {"non_blocking": True},
+    }
+
+
 def loss_mode(train_cfg: dict[str, Any], device: torch.device | str) -> str:
     """FtTrainer's loss path: with the fused cross-entropy the model computes the loss itself (`full`), on the
     trained tokens only (the answer-only saving is kept: see loss.causal_lm_forward)."""
