@@ -747,6 +747,11 @@ def main() -> int:
     p.add_argument("--deadline", type=float, default=0, help="seconds: start no new run after this (0: none)")
     args = p.parse_args()
 
+    # The same CUDA allocator settings for both sides (ftpipe's hooks switch expandable segments on anyway).
+    try:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    except (AttributeError, RuntimeError):
+        pass
     if not torch.cuda.is_available():
         log("bench.py needs a CUDA GPU (run it on the GPU machine)")
         return 2

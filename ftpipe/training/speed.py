@@ -32,6 +32,13 @@ def model_load_kwargs(train_cfg: dict[str, Any], device: torch.device | str) -> 
     """Attention kernel and the dtype the (frozen or trained) weights are loaded in."""
     kind = _kind(device)
     levers = lv.resolve(train_cfg, kind)
+    if kind == "cuda" and levers.compile:
+        # Grow allocator segments in place instead of cudaMalloc/cudaFree churn: the offloaded checkpoint's
+        # side-stream copies (record_stream) and 4-bit dequantized weights free blocks out of order.
+        try:
+            torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+        except (AttributeError, RuntimeError):  # a torch without the setting: the default allocator
+            pass
     # sdpa builds the per-document causal mask from restarting position_ids (padding-free packed rows);
     # `varlen` / `flex` do the same per document without a dense mask (registered here, before loading).
     kwargs: dict[str, Any] = {"attn_implementation": lv.attn_implementation(levers)}
