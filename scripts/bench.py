@@ -413,7 +413,7 @@ def ftpipe_trainer(model: nn.Module, rows, cfg: dict[str, Any], steps: int, time
         args=args,
         train_dataset=Rows(rows),
         data_collator=PackedCollator(**speed.collator_kwargs(cfg["train"], "cuda")),
-        callbacks=[timer.callback()],
+        callbacks=[timer.callback(), *speed.callbacks(cfg["train"], "cuda")],
         loss_mode=speed.loss_mode(cfg["train"], "cuda"),
         device="cuda",
     )

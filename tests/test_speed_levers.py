@@ -216,3 +216,19 @@ def test_host_embedding_gathers_on_the_host() -> None:
     torch.testing.assert_close(host(ids), emb(ids))
     assert host.pending is None
     torch.testing.assert_close(host(ids), emb(ids))  # no host copy: read back from the ids' device
+
+
+def test_quiet_gc_callback_restores_collection() -> None:
+    import gc
+
+    assert speed.callbacks({"method": "lora", "speed": {}}, "cpu") == []
+    (cb,) = speed.callbacks({"method": "lora", "speed": {}}, "cuda")
+
+    class State:
+        global_step = 50
+
+    cb.on_train_begin(None, State, None)
+    assert not gc.isenabled()
+    cb.on_step_end(None, State, None)
+    cb.on_train_end(None, State, None)
+    assert gc.isenabled()

@@ -96,7 +96,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
         args=training_arguments(cfg, str(checkpoints), device, prec, len(dataset[0]["input_ids"])),
         train_dataset=dataset,
         data_collator=PackedCollator(**speed.collator_kwargs(train_cfg, device)),
-        callbacks=[TensorBoardCallback(SummaryWriter(log_dir=str(ctx.out / "tb")))],
+        callbacks=[
+            TensorBoardCallback(SummaryWriter(log_dir=str(ctx.out / "tb"))),
+            *speed.callbacks(train_cfg, device),
+        ],
         loss_mode=speed.loss_mode(train_cfg, device),
         device=device,
     )

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from . import levers as lv
 from .devices import compute_dtype
@@ -138,3 +139,39 @@ def micro_batches(train_cfg: dict[str, Any], row_len: int | None) -> tuple[int, 
     tokens = (train_cfg.get("speed") or {}).get("tokens_per_micro_batch")
     mbs, ga = train_cfg["micro_batch_size"], train_cfg["grad_accum"]
     return lv.micro_batches(mbs, ga, row_len, tokens) if tokens and row_len else (mbs, ga)
+
+
+class QuietGC(TrainerCallback):
+    """Trainer callback: no full Python garbage collections in the middle of steps. A generation-2 collection
+    walks every live object (transformers, dynamo caches: millions) and stalls the host for tens of ms, while
+    the GPU, fed just-in-time by the compiled layers, runs dry: the slow outlier steps of the bench. Objects
+    alive at the start are frozen out of collection; young generations are collected every `every` steps."""
+
+    def __init__(self, every: int = 50) -> None:
+        self.every = every
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        import gc
+
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step % self.every == 0:
+            import gc
+
+            gc.collect(1)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        import gc
+
+        gc.enable()
+        gc.unfreeze()
+
+
+def callbacks(train_cfg: dict[str, Any], device: torch.device | str) -> list[Any]:
+    """Trainer callbacks of the levers (CUDA, compiled layers): quiet garbage collection."""
+    if _kind(device) != "cuda" or not lv.resolve(train_cfg, "cuda").compile:
+        return []
+    return [QuietGC()]
