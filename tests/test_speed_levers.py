@@ -232,3 +232,15 @@ def test_quiet_gc_callback_restores_collection() -> None:
     cb.on_step_end(None, State, None)
     cb.on_train_end(None, State, None)
     assert gc.isenabled()
+
+
+def test_speed_keys_are_validated_by_name() -> None:
+    from ftpipe.config import compose, validate
+    from ftpipe.errors import FtpipeError
+
+    cfg = validate(
+        compose(["+recipe=colorist_lora", "train.speed.attention=flex", "train.speed.activation_budget=0.7"])
+    )
+    assert cfg["train"]["speed"]["attention"] == "flex" and cfg["train"]["speed"]["activation_budget"] == 0.7
+    with pytest.raises(FtpipeError, match=r"train\.speed\.checkpointing"):
+        validate(compose(["+recipe=colorist_lora", "train.speed.checkpointing=sometimes"]))
