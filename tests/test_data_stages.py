@@ -164,3 +164,35 @@ def test_check_passes_on_clean_data(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "format alpaca (detected)" in res.stdout and "ok: every row is valid" in res.stdout
     assert "longer than dataset.max_length=16 and will be truncated" in res.stdout
+
+
+@pytest.mark.parametrize(
+    ("fmt", "rows", "template"),
+    [
+        ("pretrain", [{"text": f"Document number {i}."} for i in range(12)], "chatml"),
+        ("alpaca", alpaca_rows(12), "tokenizer"),
+        ("alpaca", alpaca_rows(12), "default"),
+    ],
+)
+def test_map_writes_what_encode_gives_for_every_path(tmp_path, fmt, rows, template):
+    from transformers import AutoTokenizer
+
+    from ftpipe.data.formats import load_conversations
+    from ftpipe.data.templates import encode_conversation, encode_pretrain, resolve_template
+
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    cfg = config(
+        tmp_path / "cache", data, f"dataset.format={fmt}", f"template={template}", "dataset.eval_size=2"
+    )
+    out = run(cfg)
+    mapped = datasets.load_from_disk(str(Path(out["map"]["output"]) / "dataset"))
+    download = Path(out["download"]["output"])
+    tok = AutoTokenizer.from_pretrained(download / "model")
+    train, _, _ = load_conversations(download / "data", cfg["dataset"])
+    if fmt == "pretrain":
+        expected = list(zip(*encode_pretrain(tok, [c[0]["output"] for c in train]), strict=True))
+    else:
+        t = resolve_template(cfg["template"], tok)
+        expected = [encode_conversation(tok, t, c) for c in train]
+    assert [(r["input_ids"], r["labels"]) for r in mapped] == [tuple(map(list, e)) for e in expected]
+    assert out["map"]["tokens"] == sum(len(e[0]) for e in expected)

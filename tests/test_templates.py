@@ -262,3 +262,16 @@ def test_tokenizer_template_needs_resolving_and_a_chat_template(tok):
 def test_unknown_template_names_the_choices():
     with pytest.raises(FtpipeError, match="no such template.*internlm2_chat"):
         load_template("nope")
+
+
+def test_piece_tokenizer_equals_whole_text_tokenization(tok):
+    texts = [
+        "<|im_start|>system\nx<|im_end|>\n<|im_start|>user\n  hi <|im_end|><|im_end|>\n\n",
+        " leading<|im_start|> trailing \n",
+        "no special tokens at all, 你好 ünï",
+        "<|im_end|>",
+        "",
+    ] * 3
+    pieces = T._PieceTokenizer(tok)
+    assert pieces.usable(tok, texts)
+    assert pieces(texts) == tok(texts, add_special_tokens=False)["input_ids"]

@@ -9,9 +9,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ..data.arrow import DATASET_DIR
+import numpy as np
+import pyarrow as pa
+
+from ..data.arrow import DATASET_DIR, list_array
 from ..data.formats import load_conversations
-from ..data.templates import encode_batch, encode_pretrain, resolve_template
+from ..data.templates import encode_batch_flat, encode_pretrain, resolve_template
 from ..engine import Stage, StageContext
 
 log = logging.getLogger("ftpipe")
@@ -21,14 +24,20 @@ PARALLEL_MIN_ROWS = 20_000
 BATCH_SIZE = 1000
 
 
-def _encode(batch: dict[str, list], tokenizer: Any, template: dict, train_on_inputs: bool) -> dict[str, list]:
-    ids, labels = encode_batch(tokenizer, template, batch["conversation"], train_on_inputs)
-    return {"input_ids": ids, "labels": labels}
+def _table(ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray) -> pa.Table:
+    # handing Arrow flat arrays skips converting millions of Python ints one list at a time
+    return pa.table({"input_ids": list_array(ids, offsets), "labels": list_array(labels, offsets)})
 
 
-def _encode_text(batch: dict[str, list], tokenizer: Any) -> dict[str, list]:
+def _encode(batch: dict[str, list], tokenizer: Any, template: dict, train_on_inputs: bool) -> pa.Table:
+    return _table(*encode_batch_flat(tokenizer, template, batch["conversation"], train_on_inputs))
+
+
+def _encode_text(batch: dict[str, list], tokenizer: Any) -> pa.Table:
     ids, labels = encode_pretrain(tokenizer, batch["text"])
-    return {"input_ids": ids, "labels": labels}
+    offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])])
+    flat_ids = np.array([t for x in ids for t in x], dtype=np.int32)
+    return _table(flat_ids, np.array([t for x in labels for t in x], dtype=np.int32), offsets)
 
 
 def _turn(turn: dict[str, Any]) -> dict[str, Any]:
