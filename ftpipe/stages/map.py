@@ -9,9 +9,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ..data.arrow import DATASET_DIR
+import numpy as np
+import pyarrow as pa
+
+from ..data.arrow import DATASET_DIR, in_memory_dataset, list_array
 from ..data.formats import load_conversations
-from ..data.templates import encode_batch, encode_pretrain, resolve_template
+from ..data.templates import encode_batch_flat, encode_pretrain, resolve_template
 from ..engine import Stage, StageContext
 
 log = logging.getLogger("ftpipe")
@@ -21,24 +24,42 @@ PARALLEL_MIN_ROWS = 20_000
 BATCH_SIZE = 1000
 
 
-def _encode(batch: dict[str, list], tokenizer: Any, template: dict, train_on_inputs: bool) -> dict[str, list]:
-    ids, labels = encode_batch(tokenizer, template, batch["conversation"], train_on_inputs)
-    return {"input_ids": ids, "labels": labels}
+def _table(ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray) -> pa.Table:
+    # handing Arrow flat arrays skips converting millions of Python ints one list at a time
+    return pa.table({"input_ids": list_array(ids, offsets), "labels": list_array(labels, offsets)})
 
 
-def _encode_text(batch: dict[str, list], tokenizer: Any) -> dict[str, list]:
-    ids, labels = encode_pretrain(tokenizer, batch["text"])
-    return {"input_ids": ids, "labels": labels}
-
-
-def _turn(turn: dict[str, Any]) -> dict[str, Any]:
-    # every turn gets the same keys: Arrow infers one struct type for the whole column
+def _columns(conversations: list[list[dict[str, Any]]]) -> dict[str, list]:
+    # Conversations as lists of strings: Arrow builds and hands back string lists far faster than structs.
     return {
-        "system": turn.get("system") or "",
-        "input": turn["input"],
-        "output": turn["output"],
-        "char_level": bool(turn.get("char_level")),
+        "systems": [[t.get("system") or "" for t in conv] for conv in conversations],
+        "inputs": [[t["input"] for t in conv] for conv in conversations],
+        "outputs": [[t["output"] for t in conv] for conv in conversations],
+        "char_level": [bool(conv[0].get("char_level")) for conv in conversations],
     }
+
+
+def _conversations(batch: dict[str, list]) -> list[list[dict[str, Any]]]:
+    return [
+        [
+            {"system": s, "input": i, "output": o, "char_level": c}
+            for s, i, o in zip(systems, inputs, outputs, strict=True)
+        ]
+        for systems, inputs, outputs, c in zip(
+            batch["systems"], batch["inputs"], batch["outputs"], batch["char_level"], strict=True
+        )
+    ]
+
+
+def _encode(batch: dict[str, list], tokenizer: Any, template: dict, train_on_inputs: bool) -> pa.Table:
+    return _table(*encode_batch_flat(tokenizer, template, _conversations(batch), train_on_inputs))
+
+
+def _encode_text(batch: dict[str, list], tokenizer: Any) -> pa.Table:
+    ids, labels = encode_pretrain(tokenizer, batch["text"])
+    offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])])
+    flat_ids = np.array([t for x in ids for t in x], dtype=np.int32)
+    return _table(flat_ids, np.array([t for x in labels for t in x], dtype=np.int32), offsets)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -58,10 +79,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
         }
     )
     if report["format"] == "pretrain":
-        rows = datasets.Dataset.from_dict({"text": [conv[0]["output"] for conv in train]})
+        rows = in_memory_dataset(
+            {"text": [conv[0]["output"] for conv in train]}, f"ftpipe-rows-{ctx.out.name}"
+        )
         fn, kwargs = _encode_text, {"tokenizer": tokenizer}
     else:
-        rows = datasets.Dataset.from_dict({"conversation": [[_turn(t) for t in conv] for conv in train]})
+        rows = in_memory_dataset(_columns(train), f"ftpipe-rows-{ctx.out.name}")
         fn = _encode
         kwargs = {
             "tokenizer": tokenizer,

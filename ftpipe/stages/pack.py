@@ -31,6 +31,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "doc_lens": list_array(packed.doc_lens, packed.doc_offsets),
         },
         ctx.out / DATASET_DIR,
+        fingerprint=f"ftpipe-pack-{ctx.out.name}",
     )
     return {**packed.metrics, "max_length": int(cfg["max_length"]), "packed": bool(cfg["pack"])}
 
