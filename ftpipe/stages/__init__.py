@@ -1,5 +1,5 @@
 """The stage chain, in order. Each module holds one stage and exposes it as STAGE."""
 
-from . import download, train
+from . import convert, download, merge, train
 
-CHAIN = [download.STAGE, train.STAGE]
+CHAIN = [download.STAGE, train.STAGE, convert.STAGE, merge.STAGE]
