@@ -117,11 +117,6 @@ def _worker(cache: Path, cfg: dict, *extra: str) -> subprocess.CompletedProcess:
     )
 
 
-def _chain_cfg(**train_kw) -> dict:
-    cfg = h.train_cfg(**train_kw)
-    return {**cfg, "stages": ["train"], "dataset": {"n_docs": 48}}
-
-
 @pytest.mark.slow  # three trainings in two processes: ~30 s on two shared cores
 def test_sigkill_after_a_checkpoint_then_rerun_resumes_to_the_same_result(tmp_path):
     import train_worker
@@ -130,7 +125,7 @@ def test_sigkill_after_a_checkpoint_then_rerun_resumes_to_the_same_result(tmp_pa
     from ftpipe import engine
     from ftpipe.cache import Cache
 
-    cfg = _chain_cfg(max_steps=8, save_steps=3)
+    cfg = h.chain_cfg(["train"], max_steps=8, save_steps=3)
     cache_a = Cache(tmp_path / "a")
     row_a = engine.run(engine.plan(cfg, train_worker.CHAIN, cache_a), cache_a)[-1]
 

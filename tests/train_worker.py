@@ -1,4 +1,4 @@
-"""Run download → pack → train through the real engine, as a process the tests can kill.
+"""Run download → pack → train → convert → merge through the real engine, as a process the tests can kill.
 
 `python train_worker.py CACHE CFG_JSON [--kill-after-checkpoint N]`: download and pack are stand-ins that
 write the tiny model and a packed dataset in the real stages' output shape; the rest are the real stages.
@@ -22,7 +22,7 @@ import train_helpers as h  # noqa: E402
 
 from ftpipe import engine  # noqa: E402
 from ftpipe.cache import Cache  # noqa: E402
-from ftpipe.stages import train  # noqa: E402
+from ftpipe.stages import convert, merge, train  # noqa: E402
 
 
 def _download(ctx: engine.StageContext) -> dict:
@@ -41,6 +41,8 @@ CHAIN = [
     engine.Stage("download", "1", reads=("model",), run=_download),
     engine.Stage("pack", "1", reads=("dataset",), upstream=("download",), run=_pack),
     train.STAGE,
+    convert.STAGE,
+    merge.STAGE,
 ]
 
 
