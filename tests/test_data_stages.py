@@ -47,6 +47,7 @@ def config(cache: Path, data: Path, *overrides: str) -> dict:
                 "dataset.eval_size=4",
                 "dataset.max_length=64",
                 f"cache_dir={cache}",
+                "stages=[download,map,pack]",
                 *overrides,
             ]
         )
