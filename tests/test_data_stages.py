@@ -213,3 +213,10 @@ def test_map_with_worker_processes_writes_the_same_dataset(tmp_path, monkeypatch
         assert sorted(p.name for p in mapped.iterdir()) == ["dataset", "manifest.json"]
     assert outputs[0] == outputs[1]
     assert os.environ.get("TOKENIZERS_PARALLELISM") == parallelism  # restored for the rest of the process
+
+
+def test_pack_refuses_when_truncation_leaves_nothing_to_train(tmp_path):
+    data = write_jsonl(tmp_path / "rows.jsonl", alpaca_rows(12))
+    with pytest.raises(FtpipeError, match=r"dataset.max_length=8 \(truncation=truncate\); raise max_length"):
+        run(config(tmp_path / "cache", data, "dataset.max_length=8"))
+    assert not list((tmp_path / "cache" / "pack").glob("*/manifest.json"))
