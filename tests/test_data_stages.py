@@ -81,7 +81,7 @@ def test_outputs_and_precise_reruns(tmp_path):
         assert sum(row["doc_lens"]) == len(row["input_ids"])
 
     assert ran(run(config(cache, data))) == []
-    assert ran(run(config(cache, data, "dataset.max_length=32"))) == ["pack"]
+    assert ran(run(config(cache, data, "dataset.max_length=56"))) == ["pack"]
     assert ran(run(config(cache, data, "dataset.pack=false"))) == ["pack"]
     assert ran(run(config(cache, data, "template=internlm2_chat"))) == ["map", "pack"]
     assert ran(run(config(cache, data, "dataset.num_proc=2"))) == []  # runtime only
