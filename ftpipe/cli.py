@@ -218,7 +218,14 @@ def cmd_check(args: list[str]) -> None:
     print("\nok: every row is valid")
 
 
-VERBS = {"show": cmd_show, "ls": cmd_ls, "cp": cmd_cp, "cache": cmd_cache, "check": cmd_check, "chat": cmd_chat}
+VERBS = {
+    "show": cmd_show,
+    "ls": cmd_ls,
+    "cp": cmd_cp,
+    "cache": cmd_cache,
+    "check": cmd_check,
+    "chat": cmd_chat,
+}
 
 
 def main() -> None:
