@@ -136,13 +136,14 @@ def context(cfg: dict[str, Any], out: Path, inputs: dict[str, Path], cache_root:
 
 def chain_cfg(stages: list[str], n_docs: int = 48, **train_kw: Any) -> dict[str, Any]:
     """Config for train_worker's chain (stand-in download/pack, real train/convert/merge)."""
-    from ftpipe.config import TemplateConfig
+    from ftpipe.config import DatasetConfig, TemplateConfig
 
     template = {**TemplateConfig().__dict__, **_chatml()}
+    dataset = {**DatasetConfig().__dict__, "path": "embedded:colorist", "format": "colors", "n_docs": n_docs}
     return {
         **train_cfg(**train_kw),
         "stages": stages,
-        "dataset": {"n_docs": n_docs, "system": None, "format": "colors"},
+        "dataset": dataset,
         "template": template,
         "merge": {"max_shard_size": "2GB", "dtype": "auto"},
     }

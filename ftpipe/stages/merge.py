@@ -20,21 +20,18 @@ from ..errors import FtpipeError
 
 log = logging.getLogger("ftpipe")
 
-# The formats whose rows carry a system prompt of their own (ftpipe.data.formats); others have none.
-FORMAT_SYSTEM = {"colors": "colorist", "alpaca": "alpaca"}
 PROBES = ["Give me a warm orange", "Please introduce yourself.", "What is the capital of France?"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # max |logit difference| allowed, relative to the largest reference logit magnitude (at least 1)
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
-def recipe_system(dataset_cfg: dict[str, Any]) -> str | None:
-    """The system prompt training used: `dataset.system` if set, else the one its format puts on every row."""
-    if dataset_cfg.get("system") is not None:
-        return dataset_cfg["system"] or None
-    from ..data.templates import SYSTEM_TEMPLATE
+def recipe_system(data_dir: Path, dataset_cfg: dict[str, Any]) -> str | None:
+    """The system prompt training used, read from the training rows as map reads them."""
+    from ..data.formats import load_conversations
 
-    return SYSTEM_TEMPLATE.get(FORMAT_SYSTEM.get(dataset_cfg.get("format") or "", ""))
+    train, _, _ = load_conversations(data_dir, dataset_cfg)
+    return train[0][0].get("system") or None
 
 
 def storage_dtype(wanted: str, model_dir: Path) -> torch.dtype:
@@ -92,7 +89,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     base_dir = ctx.inputs["download"] / "model"
     dest = ctx.out / "model"
     dtype = storage_dtype(cfg["merge"]["dtype"], base_dir)
-    system = recipe_system(cfg["dataset"])
+    system = recipe_system(ctx.inputs["download"] / "data", cfg["dataset"])
     tokenizer = chat_tokenizer(base_dir, cfg["template"], system, trust)
     prompts = [
         tokenizer.apply_chat_template(
@@ -155,8 +152,7 @@ STAGE = Stage(
     reads=(
         "merge",
         "template",
-        "dataset.system",
-        "dataset.format",
+        "dataset",
         "model.trust_remote_code",
     ),
     upstream=("download", "convert"),

@@ -18,9 +18,10 @@ def model_load_kwargs(train_cfg: dict[str, Any], device: str) -> dict[str, Any]:
     # sdpa builds the per-document causal mask from restarting position_ids (padding-free packed rows).
     kwargs: dict[str, Any] = {"attn_implementation": "sdpa"}
     dtype = compute_dtype(train_cfg, device)
-    if train_cfg["method"] in {"lora", "lora8bit"} and dtype != torch.float32 and device == "cuda":
-        # Frozen base weights are never updated, so storing them in the compute dtype loses nothing
-        # and halves memory; trained weights (full fine-tuning) stay fp32 masters under autocast.
+    if train_cfg["method"] in {"lora", "lora8bit"} and dtype != torch.float32:
+        # Frozen base weights are never updated, so storing them in the compute dtype halves memory, and
+        # autocast no longer re-casts every fp32 weight on every forward: measured 2x per step on CPU.
+        # Trained weights (full fine-tuning) stay fp32 masters under autocast.
         kwargs["dtype"] = dtype
     else:
         kwargs["dtype"] = torch.float32
