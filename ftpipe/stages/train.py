@@ -163,7 +163,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 STAGE = Stage(
     name="train",
-    version="1",
+    version="2",
     # template and dataset only shape the optional sample replies; pack's key already follows both
     reads=("train", "optimizer", "seed", "model.trust_remote_code", "template", "dataset"),
     upstream=("download", "pack"),

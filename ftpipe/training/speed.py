@@ -10,13 +10,16 @@ from typing import Any
 
 import torch
 
+from . import attention
 from .devices import compute_dtype
 
 
 def model_load_kwargs(train_cfg: dict[str, Any], device: str) -> dict[str, Any]:
     """Attention kernel and the dtype the (frozen or trained) weights are loaded in."""
-    # sdpa builds the per-document causal mask from restarting position_ids (padding-free packed rows).
-    kwargs: dict[str, Any] = {"attn_implementation": "sdpa"}
+    # Padding-free packed rows need per-document causal attention. sdpa does it from the restarting position_ids
+    # with a dense [T, T] mask; on CPU ftpipe_docs runs each document alone (Σ Lᵢ² instead of T² work), which
+    # halved a SmolLM2 step on colorist rows. On CUDA the fused kernels are the speed levers' business.
+    kwargs: dict[str, Any] = {"attn_implementation": "sdpa" if device == "cuda" else attention.register()}
     dtype = compute_dtype(train_cfg, device)
     if train_cfg["method"] in {"lora", "lora8bit"} and dtype != torch.float32:
         # Frozen base weights are never updated, so storing them in the compute dtype halves memory, and
