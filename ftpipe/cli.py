@@ -73,7 +73,9 @@ def cmd_ls(args: list[str]) -> None:
         print(f"  {recipe.stem:<22} {about}")
     print("\nconfig groups (swap with `GROUP=OPTION`):")
     for group in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "recipe"):
-        print(f"  {group.name:<10} {', '.join(sorted(f.stem for f in group.glob('*.yaml')))}")
+        print(
+            f"  {group.name:<10} {', '.join(sorted(f.stem for f in group.glob('*.yaml') if not f.stem.startswith('_')))}"
+        )
 
 
 def cmd_cp(args: list[str]) -> None:
@@ -137,7 +139,93 @@ def cmd_chat(args: list[str]) -> None:
     chat_main(args)
 
 
-VERBS = {"show": cmd_show, "ls": cmd_ls, "cp": cmd_cp, "cache": cmd_cache, "chat": cmd_chat}
+def _marked(tokenizer, ids: list[int], labels: list[int], color: bool) -> str:
+    """The sample's text with the tokens that carry loss marked: green on a terminal, else [[…]]."""
+    out, start = [], 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or (labels[i] != -100) != (labels[start] != -100):
+            text = tokenizer.decode(ids[start:i])
+            if labels[start] != -100:
+                text = f"\033[1;32m{text}\033[0m" if color else f"[[{text}]]"
+            out.append(text)
+            start = i
+    return "".join(out)
+
+
+def cmd_check(args: list[str]) -> None:
+    """Validate every dataset row (FILE:LINE for each problem) and show samples with the trained tokens marked."""
+    from transformers import AutoTokenizer
+
+    from . import engine
+    from .cache import Cache
+    from .config import compose, validate
+    from .data.formats import convert_rows
+    from .data.templates import encode_batch, encode_pretrain, resolve_template
+    from .stages import CHAIN
+
+    config_dir, overrides = _split_config_dir(args)
+    resolved = validate(compose(overrides, config_dir))
+    cache = Cache(resolved["cache_dir"])
+    (download,) = engine.run(engine.plan({**resolved, "stages": ["download"]}, CHAIN, cache), cache)
+    entry = Path(download["output"])
+    dataset = resolved["dataset"]
+    converted = convert_rows(entry / "data", dataset)
+    report = converted.report()
+    print(
+        f"dataset {dataset['path']}: format {converted.format}{' (detected)' if converted.detected else ''}; "
+        f"{report['rows']} rows: {report['rows_train']} train, {report['rows_eval']} held out, "
+        f"{report['rows_dropped']} dropped by the format, {len(converted.problems)} problem(s)"
+    )
+    for problem in converted.problems:
+        print(f"  {problem}")
+    if converted.hint:
+        print(f"hint: {converted.hint}")
+
+    tokenizer = AutoTokenizer.from_pretrained(entry / "model")
+    template = resolve_template(resolved["template"], tokenizer)
+    max_length, too_long = dataset["max_length"], []
+    for start in range(0, len(converted.train), 1000):
+        batch = converted.train[start : start + 1000]
+        if converted.format == "pretrain":
+            ids, _ = encode_pretrain(tokenizer, [conv[0]["output"] for conv in batch])
+        else:
+            ids, _ = encode_batch(tokenizer, template, batch, dataset["train_on_inputs"])
+        too_long += [(start + i, len(x)) for i, x in enumerate(ids) if len(x) > max_length]
+    if too_long:
+        verb = "split into chunks" if dataset["truncation"] == "split" else "truncated"
+        print(
+            f"note: {len(too_long)} row(s) are longer than dataset.max_length={max_length} and will be {verb}:"
+        )
+        for i, n in too_long[:5]:
+            print(f"  {converted.where[i]}: {n} tokens")
+
+    color = sys.stdout.isatty()
+    legend = "green" if color else "inside [[ ]]"
+    print(
+        f"\n{min(3, len(converted.train))} sample(s), template {template.get('name')}; tokens with loss {legend}:"
+    )
+    for conv, where in list(zip(converted.train, converted.where, strict=True))[:3]:
+        if converted.format == "pretrain":
+            (ids,), (labels,) = encode_pretrain(tokenizer, [conv[0]["output"]])
+        else:
+            (ids,), (labels,) = encode_batch(tokenizer, template, [conv], dataset["train_on_inputs"])
+        print(f"--- {where} ({len(ids)} tokens, {sum(1 for x in labels if x != -100)} with loss)")
+        print(_marked(tokenizer, ids, labels, color))
+    if converted.problems:
+        raise FtpipeError(
+            f"{len(converted.problems)} bad row(s) (listed above); fix them or set dataset.skip_bad_rows=true"
+        )
+    print("\nok: every row is valid")
+
+
+VERBS = {
+    "show": cmd_show,
+    "ls": cmd_ls,
+    "cp": cmd_cp,
+    "cache": cmd_cache,
+    "check": cmd_check,
+    "chat": cmd_chat,
+}
 
 
 def main() -> None:
@@ -153,7 +241,7 @@ def main() -> None:
     if argv and argv[0] in ("-h", "--help", "help"):
         print(
             __doc__ + "\n  ftpipe +recipe=NAME [key=value ...]   run the pipeline (-m for a sweep)\n"
-            "  ftpipe show|ls|cp|cache ...          see README.md"
+            "  ftpipe show|ls|cp|cache|check ...    see README.md"
         )
         return
     _hydra_run()

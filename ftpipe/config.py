@@ -87,7 +87,9 @@ class SpeedConfig:
     """GPU speed levers (ftpipe/training/levers.py). `auto` picks the best measured setting for the device;
     on the CPU every lever resolves to the plain path (docs/performance.md has the measurements)."""
 
-    attention: str = "auto"  # auto | sdpa | varlen | flex: per-document causal attention on packed rows
+    # auto | sdpa | docs | varlen | flex: per-document causal attention on packed rows (auto: varlen on CUDA,
+    # docs on CPU; sdpa = transformers' dense per-document mask)
+    attention: str = "auto"
     fused_ce: str = "auto"  # auto | liger | torch | off: linear + cross-entropy without the full logits
     compile: str = "auto"  # auto | on | off: torch.compile each decoder layer
     fused_lora: str = "auto"  # auto | on | off: one autograd function per LoRA linear (base + A/B)
@@ -178,7 +180,7 @@ _CHOICES = {
     "train.method": {"full", "lora", "qlora", "lora8bit"},
     "train.precision": {"auto", "bf16", "fp16", "fp32"},
     "optimizer.scheduler": {"cosine", "linear", "constant"},
-    "train.speed.attention": {"auto", "sdpa", "varlen", "flex"},
+    "train.speed.attention": {"auto", "sdpa", "docs", "varlen", "flex"},
     "train.speed.fused_ce": {"auto", "liger", "torch", "off"},
     "train.speed.compile": {"auto", "on", "off"},
     "train.speed.fused_lora": {"auto", "on", "off"},

@@ -122,7 +122,7 @@ def test_lora_4bit_fn_matches_dequantized_reference() -> None:
 
 def test_cpu_defaults_are_the_plain_path() -> None:
     levers = lv.resolve({"method": "lora", "speed": {}}, "cpu")
-    assert levers == lv.Levers("sdpa", "off", False, False, "none", "fp32", None)
+    assert levers == lv.Levers("docs", "off", False, False, "none", "fp32", None)
     assert lv.resolve(
         {"gradient_checkpointing": True, "speed": {"checkpointing": "offload"}}, "cpu"
     ).checkpointing == ("full")

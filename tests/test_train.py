@@ -117,11 +117,6 @@ def _worker(cache: Path, cfg: dict, *extra: str) -> subprocess.CompletedProcess:
     )
 
 
-def _chain_cfg(**train_kw) -> dict:
-    cfg = h.train_cfg(**train_kw)
-    return {**cfg, "stages": ["train"], "dataset": {"n_docs": 48}}
-
-
 @pytest.mark.slow  # three trainings in two processes: ~30 s on two shared cores
 def test_sigkill_after_a_checkpoint_then_rerun_resumes_to_the_same_result(tmp_path):
     import train_worker
@@ -130,7 +125,7 @@ def test_sigkill_after_a_checkpoint_then_rerun_resumes_to_the_same_result(tmp_pa
     from ftpipe import engine
     from ftpipe.cache import Cache
 
-    cfg = _chain_cfg(max_steps=8, save_steps=3)
+    cfg = h.chain_cfg(["train"], max_steps=8, save_steps=3)
     cache_a = Cache(tmp_path / "a")
     row_a = engine.run(engine.plan(cfg, train_worker.CHAIN, cache_a), cache_a)[-1]
 
@@ -155,3 +150,46 @@ def test_sigkill_after_a_checkpoint_then_rerun_resumes_to_the_same_result(tmp_pa
     wa = load_file(Path(row_a["output"]) / "final" / "adapter_model.safetensors")
     wb = load_file(Path(row_b["output"]) / "final" / "adapter_model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_per_document_attention_matches_sdpa_on_packed_rows_and_falls_back_outside_training(
+    fixtures, monkeypatch
+):
+    from transformers import AutoModelForCausalLM
+
+    from ftpipe.training import attention
+
+    name = attention.register()
+    calls = []
+    causal = attention._causal
+    monkeypatch.setattr(attention, "_causal", lambda *a: calls.append(a[0].shape) or causal(*a))
+    batch = _loss_inputs(fixtures)
+    results = {}
+    for impl in ("sdpa", name):
+        model = AutoModelForCausalLM.from_pretrained(fixtures[0], attn_implementation=impl)
+        model.config.use_cache = False
+        model.train()
+        out = model(**batch)
+        out.loss.backward()
+        grad = model.model.layers[0].self_attn.q_proj.weight.grad
+        results[impl] = (out.loss.detach(), out.logits.detach(), grad)
+        if impl == name:  # the per-document path ran: one call per distinct document length per layer
+            assert calls and all(shape[0] >= 1 and shape[2] <= 96 for shape in calls)
+            calls.clear()
+        model.eval()  # generation path: the mask transformers builds (here: left padding) must be honoured
+        ids = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
+        mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+        with torch.no_grad():
+            results[impl] += (model(input_ids=ids, attention_mask=mask).logits[:, -1],)
+    assert not calls  # eval mode went through plain sdpa
+    ref, got = results["sdpa"], results[name]
+    assert torch.allclose(ref[0], got[0], rtol=1e-6)
+    assert torch.allclose(ref[1], got[1], atol=1e-5)
+    assert torch.allclose(ref[2], got[2], atol=1e-6, rtol=1e-4)
+    assert torch.allclose(ref[3], got[3], atol=1e-5)
+
+
+def test_document_spans_follow_restarting_positions():
+    from ftpipe.training.attention import document_spans
+
+    assert document_spans(torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1, 2, 3]])) == ([0, 3, 5, 6], [3, 2, 1, 4])

@@ -132,3 +132,26 @@ def context(cfg: dict[str, Any], out: Path, inputs: dict[str, Path], cache_root:
 
     out.mkdir(parents=True, exist_ok=True)
     return StageContext(cfg=cfg, out=out, inputs=inputs, cache=Cache(cache_root))
+
+
+def chain_cfg(stages: list[str], n_docs: int = 48, **train_kw: Any) -> dict[str, Any]:
+    """Config for train_worker's chain (stand-in download/pack, real train/convert/merge)."""
+    from ftpipe.config import DatasetConfig, TemplateConfig
+
+    template = {**TemplateConfig().__dict__, **_chatml()}
+    dataset = {**DatasetConfig().__dict__, "path": "embedded:colorist", "format": "colors", "n_docs": n_docs}
+    return {
+        **train_cfg(**train_kw),
+        "stages": stages,
+        "dataset": dataset,
+        "template": template,
+        "merge": {"max_shard_size": "2GB", "dtype": "auto"},
+    }
+
+
+def _chatml() -> dict[str, Any]:
+    import yaml
+
+    from ftpipe.paths import CONF_DIR
+
+    return yaml.safe_load((CONF_DIR / "template" / "chatml.yaml").read_text())

@@ -1,9 +1,9 @@
-"""Run download → pack → train through the real engine, as a process the tests can kill.
+"""Run download → pack → train → convert → merge through the real engine, as a process the tests can kill.
 
 `python train_worker.py CACHE CFG_JSON [--kill-after-checkpoint N]`: download and pack are stand-ins that
-write the tiny model and a packed dataset in the real stages' output shape; the rest are the real stages.
-With --kill-after-checkpoint the process SIGKILLs itself right after Trainer saved checkpoint-N, which is
-what a power cut or OOM kill after a save looks like. Prints run.json rows as JSON.
+write the tiny model (with the real raw rows) and a synthetic packed dataset in the real stages' output shape;
+the rest are the real stages. With --kill-after-checkpoint the process SIGKILLs itself right after Trainer saved
+checkpoint-N, which is what a power cut or OOM kill after a save looks like. Prints run.json rows as JSON.
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ import train_helpers as h  # noqa: E402
 
 from ftpipe import engine  # noqa: E402
 from ftpipe.cache import Cache  # noqa: E402
-from ftpipe.stages import train  # noqa: E402
+from ftpipe.stages import convert, merge, train  # noqa: E402
 
 
 def _download(ctx: engine.StageContext) -> dict:
+    from ftpipe.data.sources import materialize_dataset
+
     shutil.copytree(h.tiny_model_dir(ctx.cache.root / "fixtures"), ctx.out / "model")
-    return {}
+    return materialize_dataset(ctx.cfg["dataset"], ctx.out / "data")
 
 
 def _pack(ctx: engine.StageContext) -> dict:
@@ -38,9 +40,11 @@ def _pack(ctx: engine.StageContext) -> dict:
 
 
 CHAIN = [
-    engine.Stage("download", "1", reads=("model",), run=_download),
+    engine.Stage("download", "1", reads=("model", "dataset"), run=_download),
     engine.Stage("pack", "1", reads=("dataset",), upstream=("download",), run=_pack),
     train.STAGE,
+    convert.STAGE,
+    merge.STAGE,
 ]
 
 

@@ -24,11 +24,17 @@ def list_array(values: np.ndarray, offsets: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(values, pa.int32()))
 
 
-def save_columns(columns: dict[str, pa.Array], dest: Path) -> int:
-    """Write list columns as a `datasets` dataset with save_to_disk; return the number of rows."""
+def in_memory_dataset(columns: dict[str, pa.Array | list], fingerprint: str):
+    """A `datasets.Dataset` over Arrow data. The fingerprint is given: without one, datasets hashes every byte of
+    an in-memory table to make one — seconds for a large set, and the stage key already names the content."""
     import datasets
     from datasets.table import InMemoryTable
 
-    ds = datasets.Dataset(InMemoryTable(pa.table(columns)))
+    return datasets.Dataset(InMemoryTable(pa.table(columns)), fingerprint=fingerprint)
+
+
+def save_columns(columns: dict[str, pa.Array], dest: Path, fingerprint: str) -> int:
+    """Write list columns as a `datasets` dataset with save_to_disk; return the number of rows."""
+    ds = in_memory_dataset(columns, fingerprint)
     ds.save_to_disk(str(dest))
     return len(ds)

@@ -71,6 +71,7 @@ class Converted:
     rows: int = 0
     dropped: int = 0  # rows the format drops on purpose (alpaca `<nooutput>`)
     where: list[str] = field(default_factory=list)  # FILE:LINE of each train conversation, for `check`
+    hint: str = ""  # when no row fits the configured format but they look like another one
 
     def report(self) -> dict[str, Any]:
         return {
@@ -154,9 +155,10 @@ def _csv_rows(path: Path, name: str) -> Iterator[RawRow]:
             return
         start = reader.line_num + 1
         for record in reader:
-            # count_rows counts every record after the header, blank ones too; keep the same numbering
+            # count_rows counts every record after the header, blank ones too: a blank one keeps its index
+            # (data None) and is then passed over
             if not record:
-                yield RawRow(name, start, -1, error="blank CSV record")
+                yield RawRow(name, start, -1, None)
             elif len(record) != len(header):
                 yield RawRow(
                     name, start, -1, error=f"{len(record)} CSV fields where the header has {len(header)}"
@@ -377,8 +379,13 @@ def convert_rows(data_dir: Path, dataset_cfg: dict[str, Any]) -> Converted:
         yield from pending
         yield from rows
 
+    looks_like: str | None = None
     for row in rows_again():
+        if row.data is None and row.error is None:
+            continue  # a blank CSV record
         result.rows += 1
+        if looks_like is None and row.error is None:
+            looks_like = detect_format(row.data) or ""
         if row.error is not None:
             result.problems.append(Problem(row.file, row.line, row.error))
             continue
@@ -401,6 +408,8 @@ def convert_rows(data_dir: Path, dataset_cfg: dict[str, Any]) -> Converted:
         else:
             result.train.append(conv)
             result.where.append(row.where)
+    if result.problems and not result.train and not result.eval and looks_like and looks_like != fmt:
+        result.hint = f"the rows look like format {looks_like!r}: set dataset.format={looks_like} (or auto)"
     return result
 
 
@@ -422,7 +431,8 @@ def load_conversations(
     if converted.problems and not dataset_cfg.get("skip_bad_rows"):
         raise FtpipeError(
             f"{problems_message(converted.problems)}\n"
-            "fix them (`ftpipe check` lists every one) or set dataset.skip_bad_rows=true to leave them out"
+            + (f"{converted.hint}\n" if converted.hint else "")
+            + "fix them (`ftpipe check` lists every one) or set dataset.skip_bad_rows=true to leave them out"
         )
     if not converted.train:
         raise FtpipeError(f"dataset.path: no usable training rows among {converted.rows}")

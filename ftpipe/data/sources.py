@@ -77,7 +77,12 @@ def count_rows(path: Path) -> int:
         with open(path, "rb") as fh:
             return sum(1 for line in fh if line.strip())
     if path.suffix == ".json":
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise FtpipeError(
+                f"{path.name}:{exc.lineno}: broken JSON: {exc.msg} (column {exc.colno})"
+            ) from None
         return len(data) if isinstance(data, list) else 1
     if path.suffix == ".csv":
         import csv

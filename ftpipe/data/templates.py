@@ -19,9 +19,12 @@ with ``add_special_tokens=False`` (HF's chat-template convention), or use `promp
 from __future__ import annotations
 
 import functools
+import re
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import yaml
 
 from ..errors import FtpipeError
@@ -168,8 +171,7 @@ def _segments(
     return segs
 
 
-def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    """Token ids of many strings in one call, no special tokens added."""
+def _tokenize_whole(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     backend = getattr(tokenizer, "_tokenizer", None)
     if backend is not None and hasattr(backend, "encode_batch_fast"):
         # the Rust batch call without offset tracking and without transformers' per-row Python wrapping
@@ -177,13 +179,88 @@ def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
+class _PieceTokenizer:
+    """Tokenise text as the pieces between added tokens, each distinct piece once per call.
+
+    A fast tokenizer cuts added tokens out before it pre-tokenises, so a text's ids are the concatenation of its
+    pieces' ids — when no added token strips neighbouring spaces and no normaliser runs. Templates repeat the same
+    pieces (system prompt, role headers) in every row; tokenising them once saves a tenth of the work on alpaca.
+    `usable` double-checks the equivalence on real texts before it is relied on.
+    """
+
+    def __init__(self, tokenizer: Any):
+        backend = tokenizer._tokenizer
+        added = backend.get_added_tokens_decoder()
+        self.ok = backend.normalizer is None and not any(
+            a.lstrip or a.rstrip or a.single_word for a in added.values()
+        )
+        self.ids = {a.content: i for i, a in added.items()}
+        contents = sorted(self.ids, key=len, reverse=True)
+        self.split = (
+            re.compile("(" + "|".join(re.escape(c) for c in contents) + ")").split if contents else None
+        )
+        self.backend = backend
+        self.checked = False
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        assert self.split is not None
+        unique: dict[str, int] = {}
+        layouts = []
+        for text in texts:
+            layout = []
+            for j, piece in enumerate(self.split(text)):
+                if j % 2:  # the separators re.split keeps: added tokens
+                    layout.append(~self.ids[piece])
+                elif piece:
+                    layout.append(unique.setdefault(piece, len(unique)))
+            layouts.append(layout)
+        encoded = [e.ids for e in self.backend.encode_batch_fast(list(unique), add_special_tokens=False)]
+        out = []
+        for layout in layouts:
+            ids: list[int] = []
+            for k in layout:
+                if k < 0:
+                    ids.append(~k)
+                else:
+                    ids.extend(encoded[k])
+            out.append(ids)
+        return out
+
+    def usable(self, tokenizer: Any, texts: list[str]) -> bool:
+        if not self.checked:
+            sample = [t for t in texts if any(c in t for c in self.ids)][:64] or texts[:64]
+            self.ok = (
+                self.ok and self.split is not None and self(sample) == _tokenize_whole(tokenizer, sample)
+            )
+            self.checked = True
+        return self.ok
+
+
+_PIECES: weakref.WeakKeyDictionary[Any, _PieceTokenizer | None] = weakref.WeakKeyDictionary()
+
+
+def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of many strings in one call, no special tokens added."""
+    if tokenizer not in _PIECES:
+        backend = getattr(tokenizer, "_tokenizer", None)
+        fast = backend is not None and hasattr(backend, "encode_batch_fast")
+        _PIECES[tokenizer] = _PieceTokenizer(tokenizer) if fast else None
+    pieces = _PIECES[tokenizer]
+    if pieces is not None and pieces.usable(tokenizer, texts):
+        return pieces(texts)
+    return _tokenize_whole(tokenizer, texts)
+
+
 def _special_id(tokenizer: Any, which: str) -> int | None:
     value = getattr(tokenizer, f"{which}_token_id", None)
     return value if isinstance(value, int) else None
 
 
-def _assemble(tokenizer: Any, all_segments: list[list[Segment]]) -> tuple[list[list[int]], list[list[int]]]:
-    """Tokenise the text of every segment of every conversation in one batch, then lay out ids and labels."""
+def _assemble_flat(
+    tokenizer: Any, all_segments: list[list[Segment]]
+) -> tuple[list[int], list[int], list[int]]:
+    """Tokenise the text of every segment of every conversation in one batch, then lay out ids and labels:
+    all conversations end to end, with each one's length."""
     texts: list[str] = []
     for segs in all_segments:
         for kind, text, _ in segs:
@@ -194,8 +271,11 @@ def _assemble(tokenizer: Any, all_segments: list[list[Segment]]) -> tuple[list[l
     encoded = _tokenize(tokenizer, texts) if texts else []
     bos_id, eos_id = _special_id(tokenizer, "bos"), _special_id(tokenizer, "eos")
     pos = 0
-    all_ids, all_labels = [], []
+    ids: list[int] = []
+    labels: list[int] = []
+    lengths: list[int] = []
     for segs in all_segments:
+        before = len(ids)
         pieces: list[tuple[int, list[int], bool]] = []
         for kind, text, loss in segs:
             if kind == _TEXT:
@@ -204,13 +284,13 @@ def _assemble(tokenizer: Any, all_segments: list[list[Segment]]) -> tuple[list[l
             elif kind == _CHARS:
                 chars = encoded[pos : pos + len(text)]
                 pos += len(text)
-                for ch, ids in zip(text, chars, strict=True):
-                    if len(ids) != 1:
+                for ch, char_ids in zip(text, chars, strict=True):
+                    if len(char_ids) != 1:
                         raise FtpipeError(
                             f"dataset.char_level_answers: character {ch!r} of answer {text[:40]!r} is "
-                            f"{len(ids)} tokens in this tokenizer, not one"
+                            f"{len(char_ids)} tokens in this tokenizer, not one"
                         )
-                pieces.append((kind, [ids[0] for ids in chars], loss))
+                pieces.append((kind, [c[0] for c in chars], loss))
             elif kind == _EOS:
                 if eos_id is None:
                     raise FtpipeError(
@@ -220,8 +300,6 @@ def _assemble(tokenizer: Any, all_segments: list[list[Segment]]) -> tuple[list[l
                 pieces.append((kind, [eos_id], loss))
             else:
                 pieces.append((kind, [bos_id] if bos_id is not None else [], loss))
-        ids: list[int] = []
-        labels: list[int] = []
         for j, (kind, piece, loss) in enumerate(pieces):
             if kind == _BOS and piece:
                 following = next((p for _, p, _ in pieces[j + 1 :] if p), None)
@@ -230,8 +308,17 @@ def _assemble(tokenizer: Any, all_segments: list[list[Segment]]) -> tuple[list[l
                 loss = False
             ids.extend(piece)
             labels.extend(piece if loss else [IGNORE_INDEX] * len(piece))
-        all_ids.append(ids)
-        all_labels.append(labels)
+        lengths.append(len(ids) - before)
+    return ids, labels, lengths
+
+
+def _assemble(tokenizer: Any, all_segments: list[list[Segment]]) -> tuple[list[list[int]], list[list[int]]]:
+    ids, labels, lengths = _assemble_flat(tokenizer, all_segments)
+    all_ids, all_labels, start = [], [], 0
+    for n in lengths:
+        all_ids.append(ids[start : start + n])
+        all_labels.append(labels[start : start + n])
+        start += n
     return all_ids, all_labels
 
 
@@ -252,6 +339,26 @@ def encode_batch(
         return [p[0] for p in pairs], [p[1] for p in pairs]
     segments = [_segments(template, conv, train_on_inputs, char_level_answers) for conv in conversations]
     return _assemble(tokenizer, segments)
+
+
+def encode_batch_flat(
+    tokenizer: Any,
+    template: dict[str, Any],
+    conversations: Sequence[Sequence[dict[str, Any]]],
+    train_on_inputs: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """encode_batch as flat int32 arrays (ids, labels) + int64 offsets, the shape Arrow stores list columns in."""
+    if uses_tokenizer_template(template):
+        ids, labels = encode_batch(tokenizer, template, conversations, train_on_inputs)
+        flat_ids = [t for x in ids for t in x]
+        flat_labels = [t for x in labels for t in x]
+        lengths = [len(x) for x in ids]
+    else:
+        segments = [_segments(template, conv, train_on_inputs) for conv in conversations]
+        flat_ids, flat_labels, lengths = _assemble_flat(tokenizer, segments)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return np.array(flat_ids, dtype=np.int32), np.array(flat_labels, dtype=np.int32), offsets
 
 
 def encode_conversation(

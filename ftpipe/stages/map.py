@@ -7,11 +7,16 @@ Length limits belong to pack, so changing `dataset.max_length` or packing never 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from typing import Any
 
-from ..data.arrow import DATASET_DIR
+import numpy as np
+import pyarrow as pa
+
+from ..data.arrow import DATASET_DIR, in_memory_dataset, list_array
 from ..data.formats import load_conversations
-from ..data.templates import encode_batch, encode_pretrain, resolve_template
+from ..data.templates import encode_batch_flat, encode_pretrain, resolve_template
 from ..engine import Stage, StageContext
 
 log = logging.getLogger("ftpipe")
@@ -21,24 +26,56 @@ PARALLEL_MIN_ROWS = 20_000
 BATCH_SIZE = 1000
 
 
-def _encode(batch: dict[str, list], tokenizer: Any, template: dict, train_on_inputs: bool) -> dict[str, list]:
-    ids, labels = encode_batch(tokenizer, template, batch["conversation"], train_on_inputs)
-    return {"input_ids": ids, "labels": labels}
+def _table(ids: np.ndarray, labels: np.ndarray, offsets: np.ndarray) -> pa.Table:
+    # handing Arrow flat arrays skips converting millions of Python ints one list at a time
+    return pa.table({"input_ids": list_array(ids, offsets), "labels": list_array(labels, offsets)})
 
 
-def _encode_text(batch: dict[str, list], tokenizer: Any) -> dict[str, list]:
-    ids, labels = encode_pretrain(tokenizer, batch["text"])
-    return {"input_ids": ids, "labels": labels}
-
-
-def _turn(turn: dict[str, Any]) -> dict[str, Any]:
-    # every turn gets the same keys: Arrow infers one struct type for the whole column
+def _columns(conversations: list[list[dict[str, Any]]]) -> dict[str, list]:
+    # Conversations as lists of strings: Arrow builds and hands back string lists far faster than structs.
     return {
-        "system": turn.get("system") or "",
-        "input": turn["input"],
-        "output": turn["output"],
-        "char_level": bool(turn.get("char_level")),
+        "systems": [[t.get("system") or "" for t in conv] for conv in conversations],
+        "inputs": [[t["input"] for t in conv] for conv in conversations],
+        "outputs": [[t["output"] for t in conv] for conv in conversations],
+        "char_level": [bool(conv[0].get("char_level")) for conv in conversations],
     }
+
+
+def _conversations(batch: dict[str, list]) -> list[list[dict[str, Any]]]:
+    return [
+        [
+            {"system": s, "input": i, "output": o, "char_level": c}
+            for s, i, o in zip(systems, inputs, outputs, strict=True)
+        ]
+        for systems, inputs, outputs, c in zip(
+            batch["systems"], batch["inputs"], batch["outputs"], batch["char_level"], strict=True
+        )
+    ]
+
+
+def _encode(batch: dict[str, list], tokenizer: Any, template: dict, train_on_inputs: bool) -> pa.Table:
+    return _table(*encode_batch_flat(tokenizer, template, _conversations(batch), train_on_inputs))
+
+
+def _encode_text(batch: dict[str, list], tokenizer: Any) -> pa.Table:
+    ids, labels = encode_pretrain(tokenizer, batch["text"])
+    offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])])
+    flat_ids = np.array([t for x in ids for t in x], dtype=np.int32)
+    return _table(flat_ids, np.array([t for x in labels for t in x], dtype=np.int32), offsets)
+
+
+def _map(rows, fn, kwargs: dict, features, num_proc: int, key: str):
+    return rows.map(
+        fn,
+        batched=True,
+        batch_size=BATCH_SIZE,
+        num_proc=num_proc if num_proc > 1 else None,
+        fn_kwargs=kwargs,
+        remove_columns=rows.column_names,
+        features=features,
+        new_fingerprint=f"ftpipe-map-{key}",  # the stage key already names the content
+        desc="map: tokenise",
+    )
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -58,10 +95,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
         }
     )
     if report["format"] == "pretrain":
-        rows = datasets.Dataset.from_dict({"text": [conv[0]["output"] for conv in train]})
+        rows = in_memory_dataset(
+            {"text": [conv[0]["output"] for conv in train]}, f"ftpipe-rows-{ctx.out.name}"
+        )
         fn, kwargs = _encode_text, {"tokenizer": tokenizer}
     else:
-        rows = datasets.Dataset.from_dict({"conversation": [[_turn(t) for t in conv] for conv in train]})
+        rows = in_memory_dataset(_columns(train), f"ftpipe-rows-{ctx.out.name}")
         fn = _encode
         kwargs = {
             "tokenizer": tokenizer,
@@ -69,17 +108,21 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "train_on_inputs": bool(cfg.get("train_on_inputs")),
         }
     num_proc = max(1, int(cfg.get("num_proc") or 1)) if len(rows) >= PARALLEL_MIN_ROWS else 1
-    tokens = rows.map(
-        fn,
-        batched=True,
-        batch_size=BATCH_SIZE,
-        num_proc=num_proc if num_proc > 1 else None,
-        fn_kwargs=kwargs,
-        remove_columns=rows.column_names,
-        features=features,
-        new_fingerprint=f"ftpipe-map-{ctx.out.name}",  # the stage key already names the content
-        desc="map: tokenise",
-    )
+    if num_proc > 1:
+        # Workers then receive memory-mapped files instead of pickled copies of the rows, and each runs the
+        # tokenizer on one thread: num_proc processes already fill the cores.
+        rows.save_to_disk(str(ctx.out / "rows.tmp"))
+        rows = datasets.load_from_disk(str(ctx.out / "rows.tmp"))
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    if num_proc > 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        tokens = _map(rows, fn, kwargs, features, num_proc, ctx.out.name)
+    finally:
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
     tokens.save_to_disk(str(ctx.out / DATASET_DIR))
 
     lengths = tokens.data.table.column("input_ids").combine_chunks().value_lengths().to_numpy()
@@ -87,6 +130,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     loss_tokens = sum(
         int((chunk.flatten().to_numpy() != -100).sum()) for chunk in tokens.data.table.column("labels").chunks
     )
+    del tokens, rows
+    shutil.rmtree(ctx.out / "rows.tmp", ignore_errors=True)  # the rows and the workers' shards
     return {
         **report,
         "tokens": n_tokens,

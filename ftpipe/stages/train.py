@@ -1,7 +1,7 @@
 """train: fine-tune the downloaded model on the packed dataset (full, LoRA, QLoRA, 8-bit LoRA) with HF Trainer.
 
 Writes `checkpoints/` (every train.save_steps, last train.save_total_limit kept), `tb/` (TensorBoard scalars),
-`final/` (the adapter or the full model) and `log_history.json`. Resumable: the engine keeps `<key>.tmp`
+`final/` (the adapter or the full model), `log_history.json`, and with train.sample_every `samples.jsonl`. Resumable: the engine keeps `<key>.tmp`
 after a kill, and a rerun with the same key continues from the newest complete checkpoint.
 """
 
@@ -64,6 +64,33 @@ def training_arguments(
     )
 
 
+def _sampler(ctx: StageContext, prec: str):
+    import torch
+    from transformers import AutoTokenizer
+
+    from ..training.sampling import SampleReplies, sample_prompts
+
+    cfg = ctx.cfg
+    model_dir = ctx.inputs["download"] / "model"
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_dir, trust_remote_code=bool(cfg["model"]["trust_remote_code"])
+    )
+    questions, ids, stops = sample_prompts(
+        ctx.inputs["download"] / "data", cfg["dataset"], cfg["template"], tokenizer
+    )
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
+    return SampleReplies(
+        cfg["train"]["sample_every"],
+        tokenizer,
+        questions,
+        ids,
+        stops,
+        cfg["train"]["sample_max_new_tokens"],
+        ctx.out / "samples.jsonl",
+        autocast,
+    )
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     from datasets import load_from_disk
     from torch.utils.tensorboard import SummaryWriter
@@ -91,15 +118,18 @@ def run(ctx: StageContext) -> dict[str, Any]:
         ctx.inputs["download"] / "model", train_cfg, device, bool(cfg["model"]["trust_remote_code"])
     )
     checkpoints = ctx.out / "checkpoints"
+    callbacks = [
+        TensorBoardCallback(SummaryWriter(log_dir=str(ctx.out / "tb"))),
+        *speed.callbacks(train_cfg, device),
+    ]
+    if train_cfg["sample_every"]:
+        callbacks.append(_sampler(ctx, prec))
     trainer = FtTrainer(
         model=model,
         args=training_arguments(cfg, str(checkpoints), device, prec, len(dataset[0]["input_ids"])),
         train_dataset=dataset,
         data_collator=PackedCollator(**speed.collator_kwargs(train_cfg, device)),
-        callbacks=[
-            TensorBoardCallback(SummaryWriter(log_dir=str(ctx.out / "tb"))),
-            *speed.callbacks(train_cfg, device),
-        ],
+        callbacks=callbacks,
         loss_mode=speed.loss_mode(train_cfg, device),
         device=device,
     )
@@ -144,8 +174,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 STAGE = Stage(
     name="train",
-    version="1",
-    reads=("train", "optimizer", "seed", "model.trust_remote_code"),
+    version="2",
+    # template and dataset only shape the optional sample replies; pack's key already follows both
+    reads=("train", "optimizer", "seed", "model.trust_remote_code", "template", "dataset"),
     upstream=("download", "pack"),
     run=run,
     resumable=True,

@@ -58,7 +58,7 @@ def resolve(train_cfg: Any, device: torch.device | str) -> Levers:
         value = _get(speed, key, "auto")
         return auto if value in ("auto", None) else value
 
-    attention = pick("attention", "varlen" if cuda else "sdpa")
+    attention = pick("attention", "varlen" if cuda else "docs")
     if attention in ("varlen",) and not cuda:
         attention = "sdpa"  # the varlen kernel is CUDA-only; sdpa with position_ids is the per-document path
     fused_ce = pick("fused_ce", ("liger" if liger_available() else "torch") if cuda else "off")
@@ -104,7 +104,7 @@ def micro_batches(
 
 
 def attn_implementation(levers: Levers) -> str:
-    return {"varlen": attn.VARLEN, "flex": attn.FLEX}.get(levers.attention, "sdpa")
+    return {"varlen": attn.VARLEN, "flex": attn.FLEX, "docs": attn.DOCS}.get(levers.attention, "sdpa")
 
 
 def decoder_stack(model: nn.Module) -> nn.Module:

@@ -1,0 +1,67 @@
+"""In-training sample replies every N steps (XTuner's EvaluateChatHook): watch the model learn the format."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+log = logging.getLogger("ftpipe")
+
+N_PROMPTS = 3
+
+
+def sample_prompts(
+    data_dir: Path, dataset_cfg: dict[str, Any], template: dict[str, Any], tokenizer: Any
+) -> tuple[list[str], list[list[int]], list[str]]:
+    """(questions, prompt ids, stop words): held-out inputs if the recipe holds some out, else training ones,
+    formatted exactly as training formats them (template, system prompt, BOS)."""
+    from ..data.formats import load_conversations
+    from ..data.templates import prompt_ids, resolve_template, stop_words
+
+    train, held_out, _ = load_conversations(data_dir, dataset_cfg)
+    system = train[0][0].get("system") or None
+    template = resolve_template(template, tokenizer)
+    questions = [conv[0]["input"] for conv in (held_out or train)[:N_PROMPTS]]
+    ids = [prompt_ids(tokenizer, template, [], q, system) for q in questions]
+    return questions, ids, stop_words(template)
+
+
+class SampleReplies(TrainerCallback):
+    def __init__(
+        self,
+        every: int,
+        tokenizer: Any,
+        questions: list[str],
+        prompt_ids: list[list[int]],
+        stop_words: list[str],
+        max_new_tokens: int,
+        out_file: Path,
+        autocast_dtype: torch.dtype | None,
+    ):
+        self.every, self.tokenizer, self.questions, self.prompt_ids = every, tokenizer, questions, prompt_ids
+        self.stop_words, self.max_new_tokens, self.out_file = stop_words, max_new_tokens, out_file
+        self.autocast_dtype = autocast_dtype
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every or not state.is_world_process_zero or model is None:
+            return
+        from ..evaluation.generate import generate_replies
+
+        device = next(model.parameters()).device
+        was_training = model.training
+        with torch.autocast(
+            device.type, dtype=self.autocast_dtype or torch.float32, enabled=bool(self.autocast_dtype)
+        ):
+            replies = generate_replies(
+                model, self.tokenizer, self.prompt_ids, self.stop_words, self.max_new_tokens
+            )
+        model.train(was_training)
+        with open(self.out_file, "a") as fh:
+            for question, reply in zip(self.questions, replies, strict=True):
+                log.info("[train] step %d  %r → %r", state.global_step, question, reply)
+                fh.write(json.dumps({"step": state.global_step, "input": question, "reply": reply}) + "\n")
