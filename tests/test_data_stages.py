@@ -47,6 +47,7 @@ def config(cache: Path, data: Path, *overrides: str) -> dict:
                 "dataset.eval_size=4",
                 "dataset.max_length=64",
                 f"cache_dir={cache}",
+                "stages=[download,map,pack]",
                 *overrides,
             ]
         )
@@ -81,7 +82,7 @@ def test_outputs_and_precise_reruns(tmp_path):
         assert sum(row["doc_lens"]) == len(row["input_ids"])
 
     assert ran(run(config(cache, data))) == []
-    assert ran(run(config(cache, data, "dataset.max_length=32"))) == ["pack"]
+    assert ran(run(config(cache, data, "dataset.max_length=56"))) == ["pack"]
     assert ran(run(config(cache, data, "dataset.pack=false"))) == ["pack"]
     assert ran(run(config(cache, data, "template=internlm2_chat"))) == ["map", "pack"]
     assert ran(run(config(cache, data, "dataset.num_proc=2"))) == []  # runtime only
@@ -196,3 +197,27 @@ def test_map_writes_what_encode_gives_for_every_path(tmp_path, fmt, rows, templa
         expected = [encode_conversation(tok, t, c) for c in train]
     assert [(r["input_ids"], r["labels"]) for r in mapped] == [tuple(map(list, e)) for e in expected]
     assert out["map"]["tokens"] == sum(len(e[0]) for e in expected)
+
+
+def test_map_with_worker_processes_writes_the_same_dataset(tmp_path, monkeypatch):
+    from ftpipe.stages import map as map_stage
+
+    monkeypatch.setattr(map_stage, "PARALLEL_MIN_ROWS", 0)
+    monkeypatch.setattr(map_stage, "BATCH_SIZE", 7)
+    data = write_jsonl(tmp_path / "rows.jsonl", alpaca_rows(40))
+    parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
+    outputs = []
+    for num_proc in (1, 2):
+        out = run(config(tmp_path / f"cache{num_proc}", data, f"dataset.num_proc={num_proc}"))
+        mapped = Path(out["map"]["output"])
+        outputs.append(datasets.load_from_disk(str(mapped / "dataset")).to_dict())
+        assert sorted(p.name for p in mapped.iterdir()) == ["dataset", "manifest.json"]
+    assert outputs[0] == outputs[1]
+    assert os.environ.get("TOKENIZERS_PARALLELISM") == parallelism  # restored for the rest of the process
+
+
+def test_pack_refuses_when_truncation_leaves_nothing_to_train(tmp_path):
+    data = write_jsonl(tmp_path / "rows.jsonl", alpaca_rows(12))
+    with pytest.raises(FtpipeError, match=r"dataset.max_length=8 \(truncation=truncate\); raise max_length"):
+        run(config(tmp_path / "cache", data, "dataset.max_length=8"))
+    assert not list((tmp_path / "cache" / "pack").glob("*/manifest.json"))

@@ -160,7 +160,7 @@ def test_readers_give_the_line_of_each_row_in_every_file_type(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
     (raw / "a.json").write_text('[\n  {"text": "x"},\n\n  {"text":\n "y"},  {"text": "z"}\n]\n')
-    (raw / "b.csv").write_text('text,other\n"multi\nline",1\nplain,2\n')
+    (raw / "b.csv").write_text('text,other\n"multi\nline",1\n\nplain,2\n')
     pq.write_table(pa.table({"text": ["p", "q"]}), raw / "c.parquet")
     (raw / "d.jsonl").write_text('{"text": "ok"}\n\n{"text": broken\n')
     rows = list(iter_raw_rows(raw, ["a.json", "b.csv", "c.parquet", "d.jsonl"]))
@@ -169,14 +169,16 @@ def test_readers_give_the_line_of_each_row_in_every_file_type(tmp_path):
         ("a.json:4", 1),
         ("a.json:5", 2),
         ("b.csv:2", 3),
-        ("b.csv:4", 4),
-        ("c.parquet:1", 5),
-        ("c.parquet:2", 6),
-        ("d.jsonl:1", 7),
-        ("d.jsonl:3", 8),
+        ("b.csv:4", 4),  # a blank record: no data, no problem, but it has an index as in count_rows
+        ("b.csv:5", 5),
+        ("c.parquet:1", 6),
+        ("c.parquet:2", 7),
+        ("d.jsonl:1", 8),
+        ("d.jsonl:3", 9),
     ]
     assert rows[3].data == {"text": "multi\nline", "other": "1"}
-    assert rows[8].error and rows[8].error.startswith("broken JSON line")
+    assert rows[4].data is None and rows[4].error is None
+    assert rows[9].error and rows[9].error.startswith("broken JSON line")
     # the same numbering as the download stage's held-out row choice
     assert sum(count_rows(raw / f) for f in ("a.json", "b.csv", "c.parquet", "d.jsonl")) == len(rows)
 

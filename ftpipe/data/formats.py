@@ -155,9 +155,10 @@ def _csv_rows(path: Path, name: str) -> Iterator[RawRow]:
             return
         start = reader.line_num + 1
         for record in reader:
-            # count_rows counts every record after the header, blank ones too; keep the same numbering
+            # count_rows counts every record after the header, blank ones too: a blank one keeps its index
+            # (data None) and is then passed over
             if not record:
-                yield RawRow(name, start, -1, error="blank CSV record")
+                yield RawRow(name, start, -1, None)
             elif len(record) != len(header):
                 yield RawRow(
                     name, start, -1, error=f"{len(record)} CSV fields where the header has {len(header)}"
@@ -380,6 +381,8 @@ def convert_rows(data_dir: Path, dataset_cfg: dict[str, Any]) -> Converted:
 
     looks_like: str | None = None
     for row in rows_again():
+        if row.data is None and row.error is None:
+            continue  # a blank CSV record
         result.rows += 1
         if looks_like is None and row.error is None:
             looks_like = detect_format(row.data) or ""

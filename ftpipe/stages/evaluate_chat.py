@@ -28,7 +28,7 @@ def task_of(cfg: dict[str, Any]) -> str:
     dataset = cfg["dataset"]
     if dataset["format"] == "colors":
         return "colorist"
-    if dataset["path"] == "embedded:assistant":
+    if dataset["name"]:  # only self-cognition data has an owner's name
         return "assistant"
     return "none"
 
@@ -113,13 +113,11 @@ STAGE = Stage(
         "eval",
         "template",
         "dataset.format",
-        "dataset.path",
         "dataset.name",
         "dataset.system",
         "dataset.skip_bad_rows",
         "dataset.char_level_answers",
     ),
     upstream=("download", "merge"),
-    path_keys=("dataset.path",),
     run=run,
 )

@@ -7,6 +7,8 @@ Length limits belong to pack, so changing `dataset.max_length` or packing never 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from typing import Any
 
 import numpy as np
@@ -62,6 +64,20 @@ def _encode_text(batch: dict[str, list], tokenizer: Any) -> pa.Table:
     return _table(flat_ids, np.array([t for x in labels for t in x], dtype=np.int32), offsets)
 
 
+def _map(rows, fn, kwargs: dict, features, num_proc: int, key: str):
+    return rows.map(
+        fn,
+        batched=True,
+        batch_size=BATCH_SIZE,
+        num_proc=num_proc if num_proc > 1 else None,
+        fn_kwargs=kwargs,
+        remove_columns=rows.column_names,
+        features=features,
+        new_fingerprint=f"ftpipe-map-{key}",  # the stage key already names the content
+        desc="map: tokenise",
+    )
+
+
 def run(ctx: StageContext) -> dict[str, Any]:
     import datasets
     from transformers import AutoTokenizer
@@ -92,17 +108,21 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "train_on_inputs": bool(cfg.get("train_on_inputs")),
         }
     num_proc = max(1, int(cfg.get("num_proc") or 1)) if len(rows) >= PARALLEL_MIN_ROWS else 1
-    tokens = rows.map(
-        fn,
-        batched=True,
-        batch_size=BATCH_SIZE,
-        num_proc=num_proc if num_proc > 1 else None,
-        fn_kwargs=kwargs,
-        remove_columns=rows.column_names,
-        features=features,
-        new_fingerprint=f"ftpipe-map-{ctx.out.name}",  # the stage key already names the content
-        desc="map: tokenise",
-    )
+    if num_proc > 1:
+        # Workers then receive memory-mapped files instead of pickled copies of the rows, and each runs the
+        # tokenizer on one thread: num_proc processes already fill the cores.
+        rows.save_to_disk(str(ctx.out / "rows.tmp"))
+        rows = datasets.load_from_disk(str(ctx.out / "rows.tmp"))
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    if num_proc > 1:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        tokens = _map(rows, fn, kwargs, features, num_proc, ctx.out.name)
+    finally:
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
     tokens.save_to_disk(str(ctx.out / DATASET_DIR))
 
     lengths = tokens.data.table.column("input_ids").combine_chunks().value_lengths().to_numpy()
@@ -110,6 +130,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     loss_tokens = sum(
         int((chunk.flatten().to_numpy() != -100).sum()) for chunk in tokens.data.table.column("labels").chunks
     )
+    del tokens, rows
+    shutil.rmtree(ctx.out / "rows.tmp", ignore_errors=True)  # the rows and the workers' shards
     return {
         **report,
         "tokens": n_tokens,

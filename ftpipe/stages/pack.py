@@ -12,6 +12,7 @@ from typing import Any
 from ..data.arrow import DATASET_DIR, flat_column, list_array, save_columns
 from ..data.packing import pack
 from ..engine import Stage, StageContext
+from ..errors import FtpipeError
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -23,6 +24,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     labels, label_offsets = flat_column(docs, "labels")
     assert (offsets == label_offsets).all(), "map wrote input_ids and labels of different lengths"
     packed = pack(ids, labels, offsets, int(cfg["max_length"]), bool(cfg["pack"]), cfg["truncation"])
+    if packed.metrics["documents"] == 0:
+        raise FtpipeError(
+            f"pack: none of the {packed.metrics['documents_in']} samples has a token to train on after cutting "
+            f"them to dataset.max_length={cfg['max_length']} (truncation={cfg['truncation']}); raise max_length"
+        )
     save_columns(
         {
             "input_ids": list_array(packed.input_ids, packed.row_offsets),

@@ -1,0 +1,100 @@
+"""Hydra multirun on the tiny model: shared stages computed once (also in parallel), summary, Optuna."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY = [
+    "model=tiny_llama",
+    "train.max_steps=2",
+    "eval.max_samples=4",
+    "eval.max_new_tokens=4",
+    "train.save_steps=1000",
+]
+
+
+def multirun(tmp_path: Path, *args: str) -> dict:
+    env = {**os.environ, "FTPIPE_CACHE": str(tmp_path / "cache")}
+    res = subprocess.run(
+        [sys.executable, "-m", "ftpipe.cli", "-m", *args, f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+
+
+def executions(summary: dict) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for job in summary["jobs"]:
+        for stage, hit in job["hits"].items():
+            counts[stage] = counts.get(stage, 0) + (not hit)
+    return counts
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_a_three_value_sweep_computes_shared_stages_once(tmp_path, launcher):
+    extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=3"] if launcher == "joblib" else []
+    summary = multirun(tmp_path, "+recipe=colorist_lora", *TINY, "optimizer.lr=0.0001,0.0002,0.0003", *extra)
+    assert len(summary["jobs"]) == 3
+    assert executions(summary) == {
+        "download": 1,
+        "map": 1,
+        "pack": 1,
+        "train": 3,
+        "convert": 3,
+        "merge": 3,
+        "evaluate-chat": 3,
+    }
+    keys = {e.parent.name for e in (tmp_path / "cache" / "pack").glob("*/manifest.json")}
+    assert len(keys) == 1  # one committed pack entry, never a second or a half-written one
+    sweep_dir = tmp_path / "sweep"
+    table = (sweep_dir / "sweep.md").read_text()
+    for lr in ("0.0001", "0.0002", "0.0003"):
+        assert f"optimizer.lr={lr}" in table
+    for job in summary["jobs"]:
+        assert "train_loss" in job["metrics"] and "hex_valid_rate_after" in job["metrics"]
+    assert (sweep_dir / "sweep.png").stat().st_size > 1000
+
+
+def test_optuna_sweep_of_four_trials_reports_the_best(tmp_path):
+    summary = multirun(
+        tmp_path,
+        "+recipe=colorist_lora",
+        *TINY,
+        "objective.metric=answer_loss_after",
+        "hydra/sweeper=optuna",
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.direction=minimize",
+        "hydra.sweeper.sampler.seed=1",
+        "optimizer.lr=interval(1e-4,1e-2)",
+    )
+    assert len(summary["jobs"]) == 4
+    values = [j["metrics"]["answer_loss_after"] for j in summary["jobs"]]
+    assert (
+        all(v == v for v in values) and len(set(values)) == 4
+    )  # four different learning rates, four results
+    best = yaml_best(tmp_path / "sweep" / "optimization_results.yaml")
+    assert best == pytest.approx(min(values))
+    assert "best (minimize `answer_loss_after`)" in (tmp_path / "sweep" / "sweep.md").read_text()
+
+
+def yaml_best(path: Path) -> float:
+    import yaml
+
+    return float(yaml.safe_load(path.read_text())["best_value"])
+
+
+@pytest.mark.slow
+def test_every_recipe_runs_on_the_tiny_model(tmp_path):
+    summary = multirun(tmp_path, "+recipe=glob(*)", *TINY)
+    assert len(summary["jobs"]) == len(list((Path(__file__).parents[1] / "recipes").glob("*.yaml")))
