@@ -79,6 +79,12 @@ def write_summary(sweep_dir: Path, objective: dict[str, Any] | None) -> list[dic
             f"best ({objective.get('direction', 'minimize')} `{metric}`): job {best['job']} "  # type: ignore[union-attr]
             f"`{' '.join(best['overrides'])}` → {_fmt(best['metrics'][metric])}",
         ]
+    else:  # no objective, or no job produced it (e.g. no valid reply at all): plot the final train loss
+        metric, scored = (
+            "train_loss",
+            [j for j in jobs if isinstance(j["metrics"].get("train_loss"), int | float)],
+        )
+    if scored:
         _plot(scored, metric, _swept(jobs), sweep_dir / "sweep.png")
         lines += ["", "![metric vs swept parameter](sweep.png)"]
     (sweep_dir / "sweep.md").write_text("\n".join(lines) + "\n")

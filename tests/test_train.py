@@ -193,3 +193,19 @@ def test_document_spans_follow_restarting_positions():
     from ftpipe.training.attention import document_spans
 
     assert document_spans(torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1, 2, 3]])) == ([0, 3, 5, 6], [3, 2, 1, 4])
+
+
+@pytest.mark.slow  # two ranks plus torchrun start-up: ~30-60 s on two shared cores
+def test_torchrun_launcher_trains_with_two_ranks_and_rank0_writes_the_outputs(tmp_path, fixtures):
+    cfg = h.train_cfg(max_steps=4, save_steps=2, micro_batch_size=1)
+    cfg["launcher"].update(name="torchrun", nproc_per_node=2)
+    model_dir, pack_dir = fixtures
+    launched = tmp_path / "launched.tmp"
+    ctx = h.context(cfg, launched, {"download": model_dir.parent, "pack": pack_dir}, tmp_path)
+    result = train.run(ctx)
+    assert result["train_world_size"] == 2 and result["train_steps"] == 4
+    losses = [r["loss"] for r in json.loads((launched / "log_history.json").read_text()) if "loss" in r]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert (launched / "final" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in (launched / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert result["train_tokens"] > 0 and len(list((launched / "tb").iterdir())) == 1  # rank 0 alone logs

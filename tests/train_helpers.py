@@ -124,6 +124,13 @@ def train_cfg(**train: Any) -> dict[str, Any]:
         },
         "seed": 42,
         "model": copy.deepcopy(TINY),
+        "launcher": {
+            "name": "local",
+            "nproc_per_node": 1,
+            "nnodes": 1,
+            "rdzv_endpoint": None,
+            "deepspeed": None,
+        },
     }
 
 

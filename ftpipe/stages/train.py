@@ -1,182 +1,35 @@
 """train: fine-tune the downloaded model on the packed dataset (full, LoRA, QLoRA, 8-bit LoRA) with HF Trainer.
 
 Writes `checkpoints/` (every train.save_steps, last train.save_total_limit kept), `tb/` (TensorBoard scalars),
-`final/` (the adapter or the full model), `log_history.json`, and with train.sample_every `samples.jsonl`. Resumable: the engine keeps `<key>.tmp`
-after a kill, and a rerun with the same key continues from the newest complete checkpoint.
+`final/` (the adapter or the full model), `log_history.json`, and with train.sample_every `samples.jsonl`.
+Resumable: the engine keeps `<key>.tmp` after a kill, and a rerun with the same key continues from the newest
+complete checkpoint. `launcher=local` trains in this process; other launchers run it under torchrun.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import time
 from typing import Any
 
 from ..engine import Stage, StageContext
-from ..errors import FtpipeError
-
-log = logging.getLogger("ftpipe")
-
-REQUIRED_COLUMNS = ("input_ids", "labels", "position_ids")
-
-
-def training_arguments(
-    cfg: dict[str, Any], out_dir: str, device: str, precision: str, row_len: int | None = None
-):
-    from transformers import TrainingArguments
-
-    from ..training import speed
-
-    train, opt = cfg["train"], cfg["optimizer"]
-    # train.speed.tokens_per_micro_batch: same rows per optimizer step, split into smaller micro-batches
-    micro_batch, grad_accum = speed.micro_batches(train, row_len)
-    scheduler = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[opt["scheduler"]]
-    return TrainingArguments(
-        output_dir=out_dir,
-        per_device_train_batch_size=micro_batch,
-        gradient_accumulation_steps=grad_accum,
-        num_train_epochs=float(train["epochs"]),
-        max_steps=train["max_steps"] or -1,
-        learning_rate=opt["lr"],
-        weight_decay=opt["weight_decay"],
-        adam_beta1=opt["betas"][0],
-        adam_beta2=opt["betas"][1],
-        max_grad_norm=opt["max_grad_norm"],
-        lr_scheduler_type=scheduler,
-        # transformers 5 reads a float in [0, 1) here as a ratio of the total steps.
-        warmup_steps=float(opt["warmup_ratio"]) if opt["warmup_ratio"] else 0,
-        optim="adamw_torch_fused" if device == "cuda" else "adamw_torch",
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        use_cpu=device == "cpu",
-        save_strategy="steps",
-        save_steps=train["save_steps"],
-        save_total_limit=train["save_total_limit"],
-        logging_steps=train["logging_steps"],
-        report_to="none",  # TensorBoard is attached explicitly, writing into the stage dir
-        seed=cfg["seed"],
-        data_seed=cfg["seed"],
-        dataloader_num_workers=train["num_workers"],
-        remove_unused_columns=False,  # the collator picks its columns; doc_lens etc. must reach it
-        include_num_input_tokens_seen=True,
-        disable_tqdm=False,
-        **speed.training_args_overrides(train, device),
-    )
-
-
-def _sampler(ctx: StageContext, prec: str):
-    import torch
-    from transformers import AutoTokenizer
-
-    from ..training.sampling import SampleReplies, sample_prompts
-
-    cfg = ctx.cfg
-    model_dir = ctx.inputs["download"] / "model"
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_dir, trust_remote_code=bool(cfg["model"]["trust_remote_code"])
-    )
-    questions, ids, stops = sample_prompts(
-        ctx.inputs["download"] / "data", cfg["dataset"], cfg["template"], tokenizer
-    )
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
-    return SampleReplies(
-        cfg["train"]["sample_every"],
-        tokenizer,
-        questions,
-        ids,
-        stops,
-        cfg["train"]["sample_max_new_tokens"],
-        ctx.out / "samples.jsonl",
-        autocast,
-    )
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    from datasets import load_from_disk
-    from torch.utils.tensorboard import SummaryWriter
-    from transformers import set_seed
-    from transformers.integrations import TensorBoardCallback
+    if ctx.cfg["launcher"]["name"] == "local":
+        from ..training.fit import fit
 
-    from ..training import speed
-    from ..training.collator import PackedCollator
-    from ..training.devices import peak_memory_gib, precision, train_device
-    from ..training.model import load_for_training
-    from ..training.trainer import FtTrainer, last_checkpoint
+        metrics = fit(ctx)
+        assert metrics is not None  # one process is the main process
+        return metrics
+    from ..training.launch import launch
 
-    cfg, train_cfg = ctx.cfg, ctx.cfg["train"]
-    device = train_device()
-    prec = precision(train_cfg, device)
-    dataset = load_from_disk(str(ctx.inputs["pack"] / "dataset"))
-    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
-    if missing:
-        raise FtpipeError(f"train: the packed dataset lacks columns {missing} (has {dataset.column_names})")
-    if len(dataset) == 0:
-        raise FtpipeError("train: the packed dataset is empty (check dataset.path and dataset.max_length)")
-
-    set_seed(cfg["seed"])  # before the model: LoRA's initial weights are random
-    model = load_for_training(
-        ctx.inputs["download"] / "model", train_cfg, device, bool(cfg["model"]["trust_remote_code"])
-    )
-    checkpoints = ctx.out / "checkpoints"
-    callbacks = [
-        TensorBoardCallback(SummaryWriter(log_dir=str(ctx.out / "tb"))),
-        *speed.callbacks(train_cfg, device),
-    ]
-    if train_cfg["sample_every"]:
-        callbacks.append(_sampler(ctx, prec))
-    trainer = FtTrainer(
-        model=model,
-        args=training_arguments(cfg, str(checkpoints), device, prec, len(dataset[0]["input_ids"])),
-        train_dataset=dataset,
-        data_collator=PackedCollator(**speed.collator_kwargs(train_cfg, device)),
-        callbacks=callbacks,
-        loss_mode=speed.loss_mode(train_cfg, device),
-        device=device,
-    )
-    resume = last_checkpoint(checkpoints)
-    if resume is not None:
-        log.info("[train] resuming from step %s (%s)", resume.name.split("-")[-1], resume)
-    log.info(
-        "[train] %s on %s (%s), %d packed rows, %s loss",
-        train_cfg["method"],
-        device,
-        prec,
-        len(dataset),
-        train_cfg["loss"],
-    )
-    tokens_before = 0
-    if resume is not None:
-        tokens_before = json.loads((resume / "trainer_state.json").read_text()).get(
-            "num_input_tokens_seen", 0
-        )
-    started = time.time()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    seconds = time.time() - started
-
-    trainer.save_model(str(ctx.out / "final"))
-    history = trainer.state.log_history
-    (ctx.out / "log_history.json").write_text(json.dumps(history, indent=1))
-    losses = [row["loss"] for row in history if "loss" in row]
-    tokens = int(trainer.state.num_input_tokens_seen)
-    return {
-        "train_loss": losses[-1] if losses else result.training_loss,
-        "train_loss_first": losses[0] if losses else None,
-        "train_steps": trainer.state.global_step,
-        "train_tokens": tokens,
-        "train_tokens_per_second": round((tokens - tokens_before) / seconds, 1) if seconds > 0 else None,
-        "train_seconds": round(seconds, 2),
-        "train_peak_memory_gib": round(peak_memory_gib(device), 3),
-        "train_precision": prec,
-        "train_device": device,
-        "resumed_from_step": int(resume.name.split("-")[-1]) if resume is not None else None,
-    }
+    return launch(ctx)
 
 
 STAGE = Stage(
     name="train",
     version="2",
     # template and dataset only shape the optional sample replies; pack's key already follows both
-    reads=("train", "optimizer", "seed", "model.trust_remote_code", "template", "dataset"),
+    reads=("train", "optimizer", "seed", "model.trust_remote_code", "template", "dataset", "launcher"),
     upstream=("download", "pack"),
     run=run,
     resumable=True,

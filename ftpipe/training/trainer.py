@@ -137,12 +137,13 @@ def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def last_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The newest complete checkpoint; half-written ones (a kill during save) are removed."""
+def last_checkpoint(checkpoint_dir: Path, prune: bool = True) -> Path | None:
+    """The newest complete checkpoint; with `prune` (one process per run does it) half-written ones (a kill
+    during save) are removed, so Trainer's rotation never counts them."""
     if not checkpoint_dir.is_dir():
         return None
     complete = complete_checkpoints(checkpoint_dir)
-    for path in checkpoint_dir.glob("checkpoint-*"):
+    for path in checkpoint_dir.glob("checkpoint-*") if prune else ():
         if path not in complete:
             log.warning("removing incomplete checkpoint %s (interrupted while saving)", path.name)
             shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,192 @@
+"""The training run itself (one process, or one rank under torchrun): model, Trainer, resume, outputs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from ..engine import StageContext
+from ..errors import FtpipeError
+
+log = logging.getLogger("ftpipe")
+
+REQUIRED_COLUMNS = ("input_ids", "labels", "position_ids")
+
+
+def training_arguments(
+    cfg: dict[str, Any], out_dir: str, device: str, precision: str, row_len: int | None = None
+):
+    from transformers import TrainingArguments
+
+    from . import speed
+
+    train, opt = cfg["train"], cfg["optimizer"]
+    # train.speed.tokens_per_micro_batch: same rows per optimizer step, split into smaller micro-batches
+    micro_batch, grad_accum = speed.micro_batches(train, row_len)
+    scheduler = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[opt["scheduler"]]
+    return TrainingArguments(
+        output_dir=out_dir,
+        per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=grad_accum,
+        num_train_epochs=float(train["epochs"]),
+        max_steps=train["max_steps"] or -1,
+        learning_rate=opt["lr"],
+        weight_decay=opt["weight_decay"],
+        adam_beta1=opt["betas"][0],
+        adam_beta2=opt["betas"][1],
+        max_grad_norm=opt["max_grad_norm"],
+        lr_scheduler_type=scheduler,
+        # transformers 5 reads a float in [0, 1) here as a ratio of the total steps.
+        warmup_steps=float(opt["warmup_ratio"]) if opt["warmup_ratio"] else 0,
+        optim="adamw_torch_fused" if device == "cuda" else "adamw_torch",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=device == "cpu",
+        save_strategy="steps",
+        save_steps=train["save_steps"],
+        save_total_limit=train["save_total_limit"],
+        logging_steps=train["logging_steps"],
+        report_to="none",  # TensorBoard is attached explicitly, writing into the stage dir
+        seed=cfg["seed"],
+        data_seed=cfg["seed"],
+        dataloader_num_workers=train["num_workers"],
+        remove_unused_columns=False,  # the collator picks its columns; doc_lens etc. must reach it
+        include_num_input_tokens_seen=True,
+        disable_tqdm=False,
+        **speed.training_args_overrides(train, device),
+        ddp_find_unused_parameters=False,  # every trained parameter takes part in every step
+        deepspeed=deepspeed_config(cfg["launcher"]),
+    )
+
+
+def deepspeed_config(launcher: dict[str, Any]) -> dict[str, Any] | None:
+    """The launcher's DeepSpeed section, with the sizes Trainer fills in from its own arguments ("auto")."""
+    if not launcher.get("deepspeed"):
+        return None
+    auto = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
+    }
+    return {**auto, **launcher["deepspeed"]}
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _sampler(ctx: StageContext, prec: str):
+    import torch
+    from transformers import AutoTokenizer
+
+    from .sampling import SampleReplies, sample_prompts
+
+    cfg = ctx.cfg
+    model_dir = ctx.inputs["download"] / "model"
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_dir, trust_remote_code=bool(cfg["model"]["trust_remote_code"])
+    )
+    questions, ids, stops = sample_prompts(
+        ctx.inputs["download"] / "data", cfg["dataset"], cfg["template"], tokenizer
+    )
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
+    return SampleReplies(
+        cfg["train"]["sample_every"],
+        tokenizer,
+        questions,
+        ids,
+        stops,
+        cfg["train"]["sample_max_new_tokens"],
+        ctx.out / "samples.jsonl",
+        autocast,
+    )
+
+
+def fit(ctx: StageContext) -> dict[str, Any] | None:
+    """Train into ctx.out; returns the metrics on the main process, None on other ranks."""
+    from datasets import load_from_disk
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers import set_seed
+    from transformers.integrations import TensorBoardCallback
+
+    from . import speed
+    from .collator import PackedCollator
+    from .devices import peak_memory_gib, precision, train_device
+    from .model import load_for_training
+    from .trainer import FtTrainer, last_checkpoint
+
+    cfg, train_cfg = ctx.cfg, ctx.cfg["train"]
+    device = train_device()
+    prec = precision(train_cfg, device)
+    dataset = load_from_disk(str(ctx.inputs["pack"] / "dataset"))
+    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise FtpipeError(f"train: the packed dataset lacks columns {missing} (has {dataset.column_names})")
+    if len(dataset) == 0:
+        raise FtpipeError("train: the packed dataset is empty (check dataset.path and dataset.max_length)")
+
+    set_seed(cfg["seed"])  # before the model: LoRA's initial weights are random
+    model = load_for_training(
+        ctx.inputs["download"] / "model", train_cfg, device, bool(cfg["model"]["trust_remote_code"])
+    )
+    checkpoints = ctx.out / "checkpoints"
+    main = is_main_process()
+    callbacks = [TensorBoardCallback(SummaryWriter(log_dir=str(ctx.out / "tb")))] if main else []
+    callbacks += speed.callbacks(train_cfg, device)
+    if train_cfg["sample_every"]:
+        callbacks.append(_sampler(ctx, prec))
+    trainer = FtTrainer(
+        model=model,
+        args=training_arguments(cfg, str(checkpoints), device, prec, len(dataset[0]["input_ids"])),
+        train_dataset=dataset,
+        data_collator=PackedCollator(**speed.collator_kwargs(train_cfg, device)),
+        callbacks=callbacks,
+        loss_mode=speed.loss_mode(train_cfg, device),
+        device=device,
+    )
+    resume = last_checkpoint(checkpoints, prune=main)
+    if resume is not None:
+        log.info("[train] resuming from step %s (%s)", resume.name.split("-")[-1], resume)
+    log.info(
+        "[train] %s on %s (%s), %d packed rows, %s loss",
+        train_cfg["method"],
+        device,
+        prec,
+        len(dataset),
+        train_cfg["loss"],
+    )
+    tokens_before = 0
+    if resume is not None:
+        tokens_before = json.loads((resume / "trainer_state.json").read_text()).get(
+            "num_input_tokens_seen", 0
+        )
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    seconds = time.time() - started
+
+    trainer.save_model(str(ctx.out / "final"))  # collective under DeepSpeed; writes on the main process
+    if not main:
+        return None
+    history = trainer.state.log_history
+    (ctx.out / "log_history.json").write_text(json.dumps(history, indent=1))
+    losses = [row["loss"] for row in history if "loss" in row]
+    tokens = int(trainer.state.num_input_tokens_seen)
+    return {
+        "train_loss": losses[-1] if losses else result.training_loss,
+        "train_loss_first": losses[0] if losses else None,
+        "train_steps": trainer.state.global_step,
+        "train_tokens": tokens,
+        "train_tokens_per_second": round((tokens - tokens_before) / seconds, 1) if seconds > 0 else None,
+        "train_seconds": round(seconds, 2),
+        "train_peak_memory_gib": round(peak_memory_gib(device), 3),
+        "train_precision": prec,
+        "train_device": device,
+        "train_world_size": trainer.args.world_size,
+        "resumed_from_step": int(resume.name.split("-")[-1]) if resume is not None else None,
+    }
