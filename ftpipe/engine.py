@@ -18,6 +18,7 @@ from typing import Any
 from filelock import Timeout
 
 from .cache import Cache, sha256_of
+from .errors import FtpipeError
 
 log = logging.getLogger("ftpipe")
 
@@ -97,10 +98,13 @@ def slice_config(stage: Stage, cfg: dict[str, Any]) -> dict[str, Any]:
 def plan(cfg: dict[str, Any], chain: Sequence[Stage], cache: Cache) -> list[PlannedStage]:
     """Keys and hit/miss for the requested stages plus everything upstream of them, in chain order."""
     by_name = {s.name: s for s in chain}
-    wanted = set(cfg.get("stages") or [s.name for s in chain])
+    # `evaluate_chat` is accepted for `evaluate-chat`: Hydra users type underscores out of habit.
+    wanted = {name.replace("_", "-") for name in cfg.get("stages") or [s.name for s in chain]}
     unknown = wanted - by_name.keys()
     if unknown:
-        raise ValueError(f"stages: unknown stage(s) {sorted(unknown)}; available: {[s.name for s in chain]}")
+        raise FtpipeError(
+            f"config key `stages`: unknown stage(s) {sorted(unknown)}; available: {[s.name for s in chain]}"
+        )
     todo = list(wanted)
     while todo:  # close over upstream dependencies
         for up in by_name[todo.pop()].upstream:

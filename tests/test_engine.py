@@ -17,6 +17,7 @@ import toy_chain
 
 from ftpipe import engine
 from ftpipe.cache import Cache
+from ftpipe.errors import FtpipeError
 
 WORKER = Path(toy_chain.__file__)
 
@@ -187,3 +188,9 @@ def test_gc_removes_partial_work_but_keeps_entries(setup, monkeypatch):
     assert [e.path for e in removed] == [leftover]
     k = keys(cfg, cache)
     assert cache.has("a", k["a"]) and cache.has("b", k["b"])
+
+
+def test_an_unknown_stage_is_a_config_error_naming_the_key(setup):
+    cfg, cache = setup
+    with pytest.raises(FtpipeError, match="config key `stages`.*nope"):
+        run({**cfg, "stages": ["nope"]}, cache)

@@ -130,6 +130,15 @@ def test_cpu_defaults_are_the_plain_path() -> None:
     assert lv.micro_batches(4, 2, 2048, None) == (4, 2)
 
 
+def test_fp32_training_on_cuda_avoids_the_bf16_only_varlen_kernel() -> None:
+    # Resolving needs no GPU: the device is only a name here.
+    assert lv.resolve({"method": "lora", "precision": "fp32", "speed": {}}, "cuda").attention == "sdpa"
+    explicit = {"method": "lora", "precision": "fp32", "speed": {"attention": "varlen"}}
+    assert lv.resolve(explicit, "cuda").attention == "sdpa"
+    assert lv.resolve({"method": "lora", "precision": "bf16", "speed": {}}, "cuda").attention == "varlen"
+    assert lv.micro_batches(4, 2, 2048, None) == (4, 2)
+
+
 def _tiny_peft(train_cfg: dict | None):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -58,9 +58,12 @@ def resolve(train_cfg: Any, device: torch.device | str) -> Levers:
         value = _get(speed, key, "auto")
         return auto if value in ("auto", None) else value
 
-    attention = pick("attention", "varlen" if cuda else "docs")
-    if attention in ("varlen",) and not cuda:
-        attention = "sdpa"  # the varlen kernel is CUDA-only; sdpa with position_ids is the per-document path
+    # The varlen (FlashAttention) kernel is CUDA-only and takes bf16/fp16 only; elsewhere sdpa with the
+    # restarting position_ids is the per-document path.
+    varlen_ok = cuda and _get(train_cfg, "precision", "auto") != "fp32"
+    attention = pick("attention", "varlen" if varlen_ok else ("sdpa" if cuda else "docs"))
+    if attention == "varlen" and not varlen_ok:
+        attention = "sdpa"
     fused_ce = pick("fused_ce", ("liger" if liger_available() else "torch") if cuda else "off")
     if fused_ce == "liger" and not (cuda and liger_available()):
         fused_ce = "torch"

@@ -1,0 +1,5 @@
+"""`python -m ftpipe ...` is the `ftpipe` command."""
+
+from .cli import main
+
+main()
