@@ -191,6 +191,6 @@ def test_gc_removes_partial_work_but_keeps_entries(setup, monkeypatch):
 
 
 def test_an_unknown_stage_is_a_config_error_naming_the_key(setup):
-    cfg, cache = setup
+    cache, cfg, _, _ = setup
     with pytest.raises(FtpipeError, match="config key `stages`.*nope"):
         run({**cfg, "stages": ["nope"]}, cache)
