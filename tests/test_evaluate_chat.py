@@ -62,3 +62,33 @@ def test_chat_loop_reads_multiline_messages_reset_and_exit(colorist):
     assert (
         lines[1] == "(history cleared)" and len(lines) == 3
     )  # reply, reset notice, reply; nothing after EXIT
+
+
+def test_assistant_name_rate_is_reported_per_language(tmp_path, monkeypatch):
+    cache = Cache(tmp_path / "cache")
+    cfg = validate(
+        compose(["+recipe=assistant_lora", "model=tiny_llama", "stages=[download]", "dataset.name=Ada"])
+    )
+    (download,) = engine.run(engine.plan(cfg, CHAIN, cache), cache)
+    entry = cache.entry_dir("download", download["key"])
+
+    def replies_naming_ada_in_chinese_only(model, tokenizer, prompts, *args):
+        # what a model trained on a Chinese-only self-cognition file does: Chinese prompts get the name
+        return [
+            "我是Ada的小助手" if any(ord(c) > 0x4E00 for c in tokenizer.decode(p)) else "I am a model"
+            for p in prompts
+        ]
+
+    monkeypatch.setattr(evaluate_chat, "generate_replies", replies_naming_ada_in_chinese_only)
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = engine.StageContext(
+        cfg=engine.slice_config(evaluate_chat.STAGE, cfg),
+        out=out,
+        inputs={"download": entry, "merge": entry},
+        cache=cache,
+    )
+    metrics = evaluate_chat.run(ctx)
+    assert metrics["eval_task"] == "assistant"
+    assert metrics["name_rate_zh_after"] == 1.0 and metrics["name_rate_en_after"] == 0.0
+    assert metrics["name_rate_after"] == pytest.approx(0.5)

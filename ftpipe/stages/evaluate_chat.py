@@ -58,7 +58,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
         questions = [conv[0]["input"] for conv in held_out]
         references: list[str | None] = [conv[0]["output"] for conv in held_out]
     elif task == "assistant":
-        questions, references = list(ASSISTANT_EVAL_PROMPTS), [None] * len(ASSISTANT_EVAL_PROMPTS)
+        languages = [lang for lang, prompts in ASSISTANT_EVAL_PROMPTS.items() for _ in prompts]
+        questions = [q for prompts in ASSISTANT_EVAL_PROMPTS.values() for q in prompts]
+        references = [None] * len(questions)
     else:
         questions = [conv[0]["input"] for conv in held_out]
         references = [conv[0]["output"] for conv in held_out]
@@ -86,9 +88,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
             samples = [encode_conversation(tokenizer, template, conv) for conv in held_out]
             metrics[f"answer_loss_{phase}"] = answer_loss(model, samples)
         elif task == "assistant":
-            metrics[f"name_rate_{phase}"] = name_rate(
-                replies[phase][: len(ASSISTANT_EVAL_PROMPTS)], cfg["dataset"]["name"]
-            )
+            # per language too: a user's Chinese-only file should still name its owner in Chinese
+            asked = list(zip(languages, replies[phase][: len(languages)], strict=True))
+            metrics[f"name_rate_{phase}"] = name_rate([r for _, r in asked], cfg["dataset"]["name"])
+            for lang in ASSISTANT_EVAL_PROMPTS:
+                metrics[f"name_rate_{lang}_{phase}"] = name_rate(
+                    [r for q_lang, r in asked if q_lang == lang], cfg["dataset"]["name"]
+                )
         del model
     if task == "colorist":
         metrics.update(colour_baselines([conv[0]["output"] for conv in train], references[: len(held_out)]))  # type: ignore[arg-type]
@@ -108,7 +114,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 STAGE = Stage(
     name="evaluate-chat",
-    version="1",
+    version="2",
     reads=(
         "eval",
         "template",
