@@ -83,7 +83,7 @@ def fresh_process_logits(kind: str, folder: Path) -> torch.Tensor:
     return torch.tensor(json.loads(done.stdout.splitlines()[-1]))
 
 
-@pytest.mark.slow  # a second Python process per case: ~10-20 s each on two shared cores
+# a second Python process per case: ~6 s each on two cores
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_convert_output_loads_in_a_fresh_process_and_reproduces_the_trained_model(
     tmp_path, trained_model, method
