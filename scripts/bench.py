@@ -201,7 +201,7 @@ def ftpipe_cfg(case: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any
     """The resolved config slice the train stage reads (schema defaults + this case)."""
     from dataclasses import asdict
 
-    from ftpipe.config import OptimizerConfig, TrainConfig
+    from ftpipe.config import LauncherConfig, OptimizerConfig, TrainConfig
 
     train = asdict(TrainConfig())
     train.update(
@@ -218,7 +218,7 @@ def ftpipe_cfg(case: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any
     train["speed"] = {**train["speed"], **speed_over}
     opt = asdict(OptimizerConfig())
     opt.update(lr=2e-4, scheduler="constant", warmup_ratio=0.0)
-    return {"train": train, "optimizer": opt, "seed": 0}
+    return {"train": train, "optimizer": opt, "seed": 0, "launcher": asdict(LauncherConfig())}
 
 
 def ftpipe_model(case: dict[str, Any], path: Path, cfg: dict[str, Any]) -> nn.Module:
@@ -254,11 +254,23 @@ class StepTimer:
     when it closes (end of step `warmup + steps`), and nowhere in between, so the Trainer runs as it would
     (the CPU preparing the next step while the GPU finishes this one). Peak memory is read over the window
     (compilation and autotuning in the warm-up excluded) and over the whole run. Optionally a torch.profiler
-    table of two more steps after the window."""
+    table of two more steps after the window (and its chrome trace), and one more step run under
+    `torch.cuda.set_sync_debug_mode("warn")` that records where the host waited for the GPU."""
 
-    def __init__(self, warmup: int, steps: int, profile: bool = False) -> None:
+    def __init__(
+        self,
+        warmup: int,
+        steps: int,
+        profile: bool = False,
+        trace: str | None = None,
+        sync_debug: bool = False,
+    ) -> None:
         self.warmup, self.steps = warmup, steps
         self.profile_at = warmup + steps if profile else None
+        self.trace = trace
+        self.sync_at = (warmup + steps + (2 if profile else 0)) if sync_debug else None
+        self.syncs: list[dict[str, Any]] | None = None
+        self._showwarning: Any = None
         self.marks: list[float] = []
         self.window: tuple[float, float] | None = None
         self.t0 = 0.0
@@ -266,6 +278,44 @@ class StepTimer:
         self.peak_window = 0.0
         self.prof: Any = None
         self.profile: dict[str, Any] | None = None
+
+    def extra_steps(self) -> int:
+        return (2 if self.profile_at is not None else 0) + (1 if self.sync_at is not None else 0)
+
+    def _sync_debug_on(self) -> None:
+        import traceback
+        import warnings
+
+        found: dict[str, dict[str, Any]] = {}
+        self.syncs = []
+        self._showwarning = warnings.showwarning
+
+        def record(message, category, filename, lineno, file=None, line=None):
+            text = str(message)
+            if "synchroniz" not in text:
+                return self._showwarning(message, category, filename, lineno, file, line)
+            stack = [
+                f"{fr.filename.split('site-packages/')[-1]}:{fr.lineno} {fr.name}"
+                for fr in traceback.extract_stack()[:-2]
+                if "warnings.py" not in fr.filename
+            ][-12:]
+            key = "|".join(stack[-4:])
+            if key in found:
+                found[key]["count"] += 1
+            else:
+                found[key] = {"message": text[:160], "count": 1, "stack": stack}
+                self.syncs.append(found[key])
+
+        warnings.showwarning = record
+        warnings.filterwarnings("always", message=".*synchroniz.*")
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def _sync_debug_off(self) -> None:
+        import warnings
+
+        torch.cuda.set_sync_debug_mode("default")
+        if self._showwarning is not None:
+            warnings.showwarning = self._showwarning
 
     def callback(self) -> Any:
         from transformers import TrainerCallback
@@ -283,6 +333,8 @@ class StepTimer:
                     )
                     timer.prof.__enter__()
                     timer.prof_t0 = time.perf_counter()
+                if timer.sync_at is not None and state.global_step == timer.sync_at:
+                    timer._sync_debug_on()
 
             def on_step_end(self, args, state, control, **kw):
                 step = state.global_step
@@ -301,7 +353,21 @@ class StepTimer:
                     wall = time.perf_counter() - timer.prof_t0
                     timer.prof.__exit__(None, None, None)
                     timer.profile = summarize_profile(timer.prof, wall)
+                    if timer.trace:
+                        try:
+                            import gzip
+                            import shutil
+
+                            raw = timer.trace.removesuffix(".gz")
+                            timer.prof.export_chrome_trace(raw)
+                            with open(raw, "rb") as src, gzip.open(raw + ".gz", "wb", compresslevel=6) as dst:
+                                shutil.copyfileobj(src, dst)
+                            os.remove(raw)
+                        except Exception as exc:  # a diagnostic only
+                            timer.profile["trace_error"] = f"{type(exc).__name__}: {exc}"[:300]
                     timer.prof = None
+                if timer.sync_at is not None and step == timer.sync_at + 1:
+                    timer._sync_debug_off()
 
         return _CB()
 
@@ -347,6 +413,24 @@ def summarize_profile(prof: Any, wall_s: float) -> dict[str, Any]:
         out["gpu_span_ms"] = (spans[-1][1] - spans[0][0]) / 1e3 if spans else 0.0
         out["gaps_ms_total"] = sum(g[0] for g in gaps) / 1e3
         out["gaps_top"] = [{"ms": round(g / 1e3, 3), "after": a, "before": b} for g, a, b in gaps[:15]]
+        # Host waits: synchronizing runtime calls, with the ops / annotations they ran under.
+        waits: dict[str, list] = {}
+        sync_names = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+        for e in prof.events():
+            if e.name in sync_names:
+                chain, parent = [], e.cpu_parent
+                while parent is not None and len(chain) < 8:
+                    chain.append(parent.name[:60])
+                    parent = parent.cpu_parent
+                key = " < ".join([e.name, *chain])
+                ms = (e.time_range.end - e.time_range.start) / 1e3
+                w = waits.setdefault(key, [0, 0.0])
+                w[0] += 1
+                w[1] += ms
+        out["host_waits"] = [
+            {"where": k[:400], "count": n, "ms": round(ms, 3)}
+            for k, (n, ms) in sorted(waits.items(), key=lambda kv: -kv[1][1])[:20]
+        ]
         copies = []
         for evt in prof.key_averages(group_by_input_shape=True):
             if evt.key in (
@@ -400,9 +484,9 @@ def ftpipe_trainer(model: nn.Module, rows, cfg: dict[str, Any], steps: int, time
     """The train stage's Trainer: its TrainingArguments, PackedCollator (padding-free) and FtTrainer."""
     import dataclasses
 
-    from ftpipe.stages.train import training_arguments
     from ftpipe.training import speed
     from ftpipe.training.collator import PackedCollator
+    from ftpipe.training.fit import training_arguments
     from ftpipe.training.trainer import FtTrainer
 
     cfg = {**cfg, "train": {**cfg["train"], "max_steps": steps}}
@@ -417,6 +501,34 @@ def ftpipe_trainer(model: nn.Module, rows, cfg: dict[str, Any], steps: int, time
         loss_mode=speed.loss_mode(cfg["train"], "cuda"),
         device="cuda",
     )
+
+
+def annotate_trainer(trainer: Any) -> None:
+    """Name the Trainer's host phases in profiler traces (record_function ranges around its step pieces)."""
+    from torch.profiler import record_function
+
+    def wrap(obj: Any, name: str) -> None:
+        fn = getattr(obj, name, None)
+        if fn is None:
+            return
+
+        def wrapped(*a: Any, **k: Any) -> Any:
+            with record_function(f"## {name}"):
+                return fn(*a, **k)
+
+        setattr(obj, name, wrapped)
+
+    for name in (
+        "training_step",
+        "compute_loss",
+        "get_batch_samples",
+        "_clip_grad_norm",
+        "floating_point_ops",
+    ):
+        wrap(trainer, name)
+    wrap(trainer.accelerator, "backward")
+    wrap(trainer.callback_handler, "call_event")
+    wrap(trainer, "_maybe_log_save_evaluate")
 
 
 def cleanup() -> None:
@@ -463,10 +575,19 @@ def measure(side: str, case: dict[str, Any], rows, args, overrides: dict[str, An
     path = model_dir(case["shape"], args.seed)
     steps = args.warmup + args.steps
     n_rows = steps * case["batch"]
-    timer = StepTimer(args.warmup, args.steps, profile=args.profile and side == "ftpipe")
-    if args.profile and side == "ftpipe":
-        steps += 2
-        n_rows += 2 * case["batch"]
+    diag = side == "ftpipe" or args.diag_hf
+    trace = None
+    if args.profile and diag and args.trace_dir:
+        trace = str(Path(args.trace_dir) / f"trace_{args.current_case}_{side}_{args.current_variant}.json")
+    timer = StepTimer(
+        args.warmup,
+        args.steps,
+        profile=args.profile and diag,
+        trace=trace,
+        sync_debug=args.sync_debug and diag,
+    )
+    steps += timer.extra_steps()
+    n_rows += timer.extra_steps() * case["batch"]
     t0 = time.perf_counter()
     if side == "hf":
         model = hf_model(case, path)
@@ -477,6 +598,8 @@ def measure(side: str, case: dict[str, Any], rows, args, overrides: dict[str, An
         model = ftpipe_model(case, path, cfg)
         trainer = ftpipe_trainer(model, rows[:n_rows], cfg, steps, timer)
     build_s = time.perf_counter() - t0
+    if args.profile and diag:
+        annotate_trainer(trainer)
     cleanup()
     torch.cuda.reset_peak_memory_stats()
     t1 = time.perf_counter()
@@ -522,6 +645,7 @@ def measure(side: str, case: dict[str, Any], rows, args, overrides: dict[str, An
         "overrides": overrides or {},
         "memory": mem,
         "profile": timer.profile,
+        "syncs": timer.syncs,
         "dynamo": {
             "unique_graphs": counters["stats"].get("unique_graphs", 0),
             "graph_breaks": sum(counters["graph_break"].values()),
@@ -740,6 +864,11 @@ def main() -> int:
     )
     p.add_argument("--hf-optim", default=None, help="HF side optimizer (default: TrainingArguments' default)")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of two ftpipe steps")
+    p.add_argument("--trace-dir", default=None, help="with --profile: write gzipped chrome traces here")
+    p.add_argument(
+        "--sync-debug", action="store_true", help="one step in sync-debug mode: where the host waits"
+    )
+    p.add_argument("--diag-hf", action="store_true", help="profile / sync-debug the HF side too")
     p.add_argument("--memory", action="store_true", help="activation memory held after a forward")
     p.add_argument("--probe", action="store_true", help="only the environment / attention probe")
     p.add_argument("--json", default=os.environ.get("BENCH_JSON"), help="write all results here")
@@ -775,7 +904,7 @@ def main() -> int:
         case = CASES[name]
         vocab = SHAPES[case["shape"]]["vocab_size"]
         rows = rows_cache.setdefault(
-            case["shape"], make_rows((args.warmup + args.steps + 2) * 4, vocab, args.seed)
+            case["shape"], make_rows((args.warmup + args.steps + 3) * 4, vocab, args.seed)
         )
         sides = [s for s in ("hf", "ftpipe") if s in args.sides.split(",")]
         for side in sides:
@@ -784,6 +913,7 @@ def main() -> int:
                     log(f"== {name} / {side} / {vname}: skipped (deadline)")
                     continue
                 log(f"== {name} / {side} / {vname} {ov}")
+                args.current_case, args.current_variant = name, vname
                 try:
                     r = measure(side, case, rows, args, ov)
                     r.update(case=name, variant=vname)

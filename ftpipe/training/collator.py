@@ -35,31 +35,41 @@ class PackedCollator:
         self.host_ids = host_ids
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        input_ids: list[int] = []
-        labels: list[int] = []
-        position_ids: list[int] = []
+        # Tensor ops, not per-token Python: with num_workers=0 this runs on the training loop's thread, between
+        # two steps, where the GPU may be waiting for it.
+        ids_parts: list[torch.Tensor] = []
+        lab_parts: list[torch.Tensor] = []
+        pos_parts: list[torch.Tensor] = []
         for row in rows:
-            ids, lab, pos = list(row["input_ids"]), list(row["labels"]), list(row["position_ids"])
-            if not len(ids) == len(lab) == len(pos):
+            ids, lab, pos = (
+                torch.as_tensor(row[key], dtype=torch.long).reshape(-1)
+                for key in ("input_ids", "labels", "position_ids")
+            )
+            if not ids.numel() == lab.numel() == pos.numel():
                 raise ValueError(
-                    f"packed row with {len(ids)} input_ids, {len(lab)} labels, {len(pos)} positions"
+                    f"packed row with {ids.numel()} input_ids, {lab.numel()} labels, {pos.numel()} positions"
                 )
-            if pos and pos[0] != 0:
+            if pos.numel() and int(pos[0]) != 0:
                 raise ValueError("packed row must start a document (position_ids[0] == 0)")
-            # A row boundary is a document boundary: never learn the next row's first token from this one.
-            labels += [-100, *lab[1:]] if lab else []
-            input_ids += ids
-            position_ids += pos
+            if lab.numel():
+                # A row boundary is a document boundary: never learn the next row's first token from this one.
+                lab = lab.clone()  # as_tensor may share memory with the dataset's array
+                lab[0] = -100
+            ids_parts.append(ids)
+            lab_parts.append(lab)
+            pos_parts.append(pos)
+        empty = torch.empty(0, dtype=torch.long)
         batch: dict[str, Any] = {
-            "input_ids": torch.tensor([input_ids], dtype=torch.long),
-            "labels": torch.tensor([labels], dtype=torch.long),
-            "position_ids": torch.tensor([position_ids], dtype=torch.long),
+            "input_ids": torch.cat(ids_parts or [empty])[None],
+            "labels": torch.cat(lab_parts or [empty])[None],
+            "position_ids": torch.cat(pos_parts or [empty])[None],
         }
         if self.boundaries:
             spans = documents(batch["position_ids"])
+            total = batch["input_ids"].shape[1]
             cu = torch.tensor([0] + [end for _, end in spans], dtype=torch.int32)
             longest = max(end - start for start, end in spans)
-            bound = min(max(256, 1 << (longest - 1).bit_length()), len(input_ids))
+            bound = min(max(256, 1 << (longest - 1).bit_length()), total)
             batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=bound, max_length_k=bound)
             # How many next-token targets train (not -100, not across a document start): lets the fused loss
             # pick the trained positions on the GPU without reading a count back (no host sync).
@@ -72,6 +82,6 @@ class PackedCollator:
 
 def documents(position_ids: torch.Tensor) -> list[tuple[int, int]]:
     """(start, end) of each document in a flattened row, read from where position_ids restart at 0."""
-    flat = position_ids.reshape(-1).tolist()
-    starts = [i for i, p in enumerate(flat) if p == 0] + [len(flat)]
+    flat = position_ids.reshape(-1)
+    starts = (flat == 0).nonzero().reshape(-1).tolist() + [flat.numel()]
     return list(zip(starts[:-1], starts[1:], strict=True))

@@ -12,6 +12,7 @@ in the forward pass, one chunk of tokens at a time, so only a chunk's logits exi
 
 from __future__ import annotations
 
+import functools
 import types
 from typing import Any
 
@@ -98,6 +99,113 @@ def _chunk_size(tokens: int, hidden: int, vocab: int) -> int:
     return max(64, min(tokens, (4 * tokens * hidden) // max(vocab, 1) // 64 * 64 or 64))
 
 
+# Rows per chunk of the sync-free Liger path: the chunk's logits take about LIGER_CHUNK_CONST x the hidden states'
+# memory (Liger's own default is 1x, which gives Qwen2.5-7B's 152k vocabulary chunks of 128 rows: each chunk
+# re-reads the whole 1.1 GB head, so the head GEMMs run memory-bound), between 256 and 1024 rows.
+LIGER_CHUNK_CONST = 4
+LIGER_CHUNK_ROWS = (256, 1024)
+
+
+def _liger_chunk_rows(tokens: int, hidden: int, vocab: int) -> int:
+    inc = max(1, -(-vocab // (LIGER_CHUNK_CONST * hidden)))
+    rows = 1 << max(0, (-(-tokens // inc) - 1).bit_length())
+    lo, hi = LIGER_CHUNK_ROWS
+    return max(1, min(tokens, hi, max(lo, rows)))
+
+
+class LigerLinearCrossEntropy(torch.autograd.Function):
+    """Liger's fused linear + cross-entropy (its Triton CE kernel, chunk by chunk) for a frozen head without bias
+    (LoRA, QLoRA), minus the two host syncs of `LigerFusedLinearCrossEntropyFunction`: its forward reads the
+    number of trained targets back (`.item()`, only needed for reduction="mean"; we sum) and its backward
+    compares the incoming gradient with 1.0 on the host (`torch.equal`). Each drained the GPU queue once per
+    micro-batch. Loss in fp32; the input gradient is computed in forward and scaled in backward, as Liger does."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+        from liger_kernel.ops.cross_entropy import liger_cross_entropy_kernel
+
+        tokens, vocab = x.shape[0], weight.shape[0]
+        need_x = x.requires_grad
+        grad_x = torch.empty_like(x) if need_x else None
+        loss = torch.zeros(tokens, dtype=torch.float32, device=x.device)  # ignored rows are not written
+        buf = torch.empty((min(chunk, tokens), vocab), dtype=x.dtype, device=x.device)
+        block = min(32768, 1 << (vocab - 1).bit_length())
+        for start in range(0, tokens, chunk):
+            end = min(start + chunk, tokens)
+            logits = buf[: end - start]
+            torch.mm(x[start:end], weight.t(), out=logits)
+            # in place: logits -> d(sum CE)/d logits (rows with an ignored target zeroed)
+            liger_cross_entropy_kernel[(end - start,)](
+                X_ptr=logits,
+                X_stride=logits.stride(-2),
+                Y_ptr=targets[start:end],
+                Y_stride=1,
+                weight_ptr=None,
+                loss_ptr=loss[start:end],
+                z_loss_ptr=None,
+                loss_stride=1,
+                token_accuracy_ptr=None,
+                token_accuracy_stride=0,
+                predicted_tokens_ptr=None,
+                predicted_tokens_stride=0,
+                n_cols=vocab,
+                n_non_ignore=2,  # read only for reduction="mean"
+                sum_non_ignore_weight=2,
+                weight_sum=0.0,
+                ignore_index=IGNORE,
+                lse_square_scale=0.0,
+                label_smoothing=0.0,
+                reduction="sum",
+                softcap=None,
+                RETURN_Z_LOSS=False,
+                RETURN_TOKEN_ACCURACY=False,
+                RETURN_PREDICTED_TOKENS=False,
+                HAS_WEIGHT=False,
+                HAS_SOFTCAPPING=False,
+                HAS_GRADIENTS=need_x,
+                BLOCK_SIZE=block,
+                num_warps=32,
+            )
+            if need_x:
+                torch.mm(logits, weight, out=grad_x[start:end])
+        ctx.save_for_backward(grad_x)
+        return loss.sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
+        (grad_x,) = ctx.saved_tensors
+        if grad_x is None:
+            return None, None, None, None
+        try:  # Liger's in-place row scaling, fp32 math (no host-side check for grad_out == 1)
+            from liger_kernel.ops.utils import element_mul_kernel
+
+            rows, cols = grad_x.shape
+            element_mul_kernel[(rows,)](
+                grad_x,
+                grad_x.stride(-2),
+                grad_out.float().contiguous(),
+                cols,
+                BLOCK_SIZE=min(32768, 1 << (cols - 1).bit_length()),
+                X_col_stride=grad_x.stride(-1),
+                num_warps=32,
+            )
+        except (ImportError, TypeError):
+            grad_x = (grad_x.float() * grad_out.float()).to(grad_x.dtype)
+        return grad_x, None, None, None
+
+
+def _liger_kernel_ok() -> bool:
+    try:
+        import inspect
+
+        from liger_kernel.ops.cross_entropy import liger_cross_entropy_kernel
+
+        names = set(inspect.signature(liger_cross_entropy_kernel.fn).parameters)
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return False
+    return {"RETURN_PREDICTED_TOKENS", "HAS_GRADIENTS", "token_accuracy_ptr", "n_non_ignore"} <= names
+
+
 def linear_cross_entropy_sum(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -108,6 +216,9 @@ def linear_cross_entropy_sum(
     """Summed cross-entropy of `hidden @ weight.T (+ bias)` against `targets` (-100 ignored), in fp32."""
     x = hidden.reshape(-1, hidden.shape[-1])
     y = targets.reshape(-1)
+    if impl == "liger" and bias is None and not weight.requires_grad and x.is_cuda and _LIGER_NOSYNC():
+        chunk = _liger_chunk_rows(x.shape[0], x.shape[1], weight.shape[0])
+        return LigerLinearCrossEntropy.apply(x, weight, y.contiguous(), chunk)
     if impl == "liger":
         from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
 
@@ -121,6 +232,9 @@ def linear_cross_entropy_sum(
     if impl == "torch":
         return ChunkedLinearCrossEntropy.apply(x, weight, bias, y, _chunk_size(*x.shape, weight.shape[0]))
     raise ValueError(f"unknown fused cross-entropy implementation {impl!r}")
+
+
+_LIGER_NOSYNC = functools.lru_cache(maxsize=1)(_liger_kernel_ok)
 
 
 def _positions(mask: torch.Tensor, count: int) -> torch.Tensor:
@@ -187,13 +301,16 @@ def causal_lm_forward(impl: str) -> Any:
             total = hidden.float().sum() * 0.0
         else:
             total = linear_cross_entropy_sum(x, head.weight, head.bias, y, impl)
-        if num_items is not None:
-            denom = torch.as_tensor(num_items, device=total.device)
+        # A host number divides as a Python scalar: torch.tensor(n, device="cuda") would be a blocking copy
+        # (a stream sync) every micro-batch.
+        if num_items is not None and not torch.is_tensor(num_items):
+            loss = total / float(num_items)
+        elif num_items is not None:
+            loss = total / num_items.to(device=total.device, dtype=total.dtype)
         elif n_targets is not None:
-            denom = torch.tensor(max(n_targets, 1), device=total.device)
+            loss = total / float(max(n_targets, 1))
         else:
-            denom = (targets != IGNORE).sum().clamp(min=1)
-        loss = total / denom.to(total.dtype)
+            loss = total / (targets != IGNORE).sum().clamp(min=1).to(total.dtype)
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
     return forward

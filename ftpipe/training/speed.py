@@ -96,7 +96,8 @@ def after_peft(model: nn.Module, train_cfg: dict[str, Any], device: torch.device
     if levers.adapter_dtype == "bf16":
         lv.cast_adapters(model, compute_dtype(train_cfg, kind))
     if levers.fused_lora:
-        lv.fuse_lora(model)
+        # Offloaded / full checkpointing: a 4-bit weight dequantized in the recompute is kept for its backward.
+        lv.fuse_lora(model, keep_dequant=levers.checkpointing in ("offload", "full"))
     if levers.cpu_embeddings:
         lv.host_embeddings(model)
     if levers.compile or levers.checkpointing in ("offload", "selective"):

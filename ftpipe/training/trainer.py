@@ -94,6 +94,19 @@ class FtTrainer(Trainer):
             return
         self.state.num_input_tokens_seen += inputs["input_ids"].numel() * self.accelerator.num_processes
 
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """Trainer's FLOs estimate (6 x tokens x parameters), with the parameter count taken once: the stock
+        version recounts every parameter of the model (named_modules + named_parameters walks) each micro-batch,
+        on the training loop's thread between enqueueing one step and the next."""
+        ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+        if not torch.is_tensor(ids):
+            return super().floating_point_ops(inputs)
+        if getattr(self, "_flos_per_token", None) is None:
+            self._flos_per_token = super().floating_point_ops(
+                {"input_ids": torch.zeros(1, 1, dtype=torch.long)}
+            )
+        return self._flos_per_token * ids.numel()
+
     def compute_loss(
         self,
         model: torch.nn.Module,
