@@ -376,6 +376,13 @@ class StepTimer:
         return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:], strict=False)]
 
 
+def _annotation(evt: Any) -> bool:
+    name = getattr(evt, "key", None) or getattr(evt, "name", "")
+    return bool(getattr(evt, "is_user_annotation", False)) or name.startswith(
+        ("## ", "Optimizer.", "ProfilerStep")
+    )
+
+
 def summarize_profile(prof: Any, wall_s: float) -> dict[str, Any]:
     """GPU time by kernel over the profiled steps, and how busy the GPU was (vs the steps' wall time)."""
     try:
@@ -385,7 +392,7 @@ def summarize_profile(prof: Any, wall_s: float) -> dict[str, Any]:
             self_t = (
                 getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0) or 0
             )
-            if self_t:
+            if self_t and not _annotation(evt):
                 rows.append((evt.key, self_t / 1e3, evt.count, t / 1e3))
         rows.sort(key=lambda r: -r[1])
         out: dict[str, Any] = {
@@ -396,7 +403,8 @@ def summarize_profile(prof: Any, wall_s: float) -> dict[str, Any]:
         spans = []
         for e in prof.events():
             if getattr(e, "device_type", None) is not None and e.device_type.name == "CUDA":
-                spans.append((e.time_range.start, e.time_range.end, e.name))
+                if not _annotation(e):  # record_function ranges mirrored on the GPU timeline
+                    spans.append((e.time_range.start, e.time_range.end, e.name))
         spans.sort()
         busy, gaps, end, prev = 0.0, [], None, ""
         for start, stop, name in spans:
