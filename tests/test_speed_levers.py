@@ -120,6 +120,63 @@ def test_lora_4bit_fn_matches_dequantized_reference() -> None:
         assert ((gg.float() - ww).norm() / ww.norm()) < 2e-2
 
 
+def test_lora_ops_trace_under_compile() -> None:
+    """The fused LoRA ops (torch.library registrations) trace through AOTAutograd with their fake kernels and
+    autograd formulas: a compiled function gives the eager gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 12, requires_grad=True)
+    w = torch.randn(8, 12)
+    a = torch.randn(4, 12, requires_grad=True)
+    b = torch.randn(8, 4, requires_grad=True)
+
+    def f(x, a, b):
+        return (lv.lora_linear(x, w, None, a, b, 0.3) ** 2).sum()
+
+    want = torch.autograd.grad(f(x, a, b), (x, a, b))
+    got = torch.autograd.grad(torch.compile(f, backend="aot_eager", fullgraph=True)(x, a, b), (x, a, b))
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r)
+
+
+def test_lora_4bit_kept_weight_gives_the_same_gradients() -> None:
+    """keep=True (a checkpoint's recompute): the dequantized weight is an output saved for backward instead of
+    being dequantized again there; same values and gradients, eager and compiled."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    torch.manual_seed(0)
+    q, qs = bnbf.quantize_4bit(
+        torch.randn(48, 64, dtype=torch.bfloat16), blocksize=64, compress_statistics=True, quant_type="nf4"
+    )
+    quant = [q, qs.absmax, qs.state2.absmax, qs.state2.code, torch.as_tensor(qs.offset)]
+    meta = (qs.blocksize, qs.state2.blocksize, qs.quant_type, tuple(qs.shape), torch.bfloat16)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16, requires_grad=True)
+    a = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(48, 4, dtype=torch.bfloat16, requires_grad=True)
+
+    def run(keep: bool, compiled: bool) -> tuple:
+        def f(x, a, b):
+            return (lv.lora_linear_nf4(x, quant, None, a, b, 0.5, meta, keep).float() ** 2).sum()
+
+        fn = torch.compile(f, backend="aot_eager", fullgraph=True) if compiled else f
+        loss = fn(x, a, b)
+        return (loss, *torch.autograd.grad(loss, (x, a, b)))
+
+    want = run(False, False)
+    for keep, compiled in ((True, False), (True, True), (False, True)):
+        for g, r in zip(run(keep, compiled), want, strict=True):
+            torch.testing.assert_close(g, r)
+
+
+def test_liger_chunks_are_few_and_bounded() -> None:
+    """Chunk rows of the sync-free Liger loss: 512 for both bench shapes (Liger's own rule gives 256 and 128),
+    never above the token count."""
+    from ftpipe.training.loss import _liger_chunk_rows
+
+    assert _liger_chunk_rows(8192, 2048, 128256) == 512  # Llama-3.2-1B, 4 x 2048 tokens
+    assert _liger_chunk_rows(4096, 3584, 152064) == 512  # Qwen2.5-7B, 2 x 2048 tokens
+    assert _liger_chunk_rows(100, 2048, 128256) == 100
+    assert _liger_chunk_rows(10**6, 4096, 32000) == 1024
+
+
 def test_cpu_defaults_are_the_plain_path() -> None:
     levers = lv.resolve({"method": "lora", "speed": {}}, "cpu")
     assert levers == lv.Levers("docs", "off", False, False, "none", "fp32", None)
