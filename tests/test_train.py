@@ -195,8 +195,10 @@ def test_document_spans_follow_restarting_positions():
     assert document_spans(torch.tensor([[0, 1, 2, 0, 1, 0, 0, 1, 2, 3]])) == ([0, 3, 5, 6], [3, 2, 1, 4])
 
 
-@pytest.mark.slow  # two ranks plus torchrun start-up: ~30-60 s on two shared cores
+# two ranks plus torchrun start-up: ~7 s on two cores
 def test_torchrun_launcher_trains_with_two_ranks_and_rank0_writes_the_outputs(tmp_path, fixtures):
+    if torch.cuda.is_available() and torch.cuda.device_count() < 2:
+        pytest.skip("two ranks need two GPUs here (on CPU they run on gloo)")
     cfg = h.train_cfg(max_steps=4, save_steps=2, micro_batch_size=1)
     cfg["launcher"].update(name="torchrun", nproc_per_node=2)
     model_dir, pack_dir = fixtures
@@ -209,3 +211,14 @@ def test_torchrun_launcher_trains_with_two_ranks_and_rank0_writes_the_outputs(tm
     assert (launched / "final" / "adapter_model.safetensors").is_file()
     assert sorted(p.name for p in (launched / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     assert result["train_tokens"] > 0 and len(list((launched / "tb").iterdir())) == 1  # rank 0 alone logs
+
+
+def test_more_ranks_than_gpus_is_a_config_error_naming_the_key(monkeypatch):
+    from ftpipe.errors import FtpipeError
+    from ftpipe.training.launch import check_gpus
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(FtpipeError, match="launcher.nproc_per_node"):
+        check_gpus({"nproc_per_node": 2})
+    check_gpus({"nproc_per_node": 1})

@@ -41,7 +41,20 @@ def torchrun_command(launcher: dict[str, Any], spec: str) -> list[str]:
     return [*cmd, "-m", "ftpipe.training.worker", spec]
 
 
+def check_gpus(launcher: dict[str, Any]) -> None:
+    """One rank per GPU: more ranks than visible GPUs would die inside torchrun with "invalid device ordinal"."""
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible and launcher["nproc_per_node"] > visible:
+        raise FtpipeError(
+            f"config key `launcher.nproc_per_node`: {launcher['nproc_per_node']} ranks but {visible} GPU(s) "
+            f"visible; set launcher.nproc_per_node={visible} (or CUDA_VISIBLE_DEVICES)"
+        )
+
+
 def launch(ctx: StageContext) -> dict[str, Any]:
+    check_gpus(ctx.cfg["launcher"])
     spec = ctx.out / SPEC
     spec.write_text(
         json.dumps(
