@@ -189,6 +189,26 @@ def test_per_document_attention_matches_sdpa_on_packed_rows_and_falls_back_outsi
     assert torch.allclose(ref[3], got[3], atol=1e-5)
 
 
+def test_sample_replies_decode_on_a_model_set_to_a_packed_training_kernel(fixtures):
+    """In-training sample replies on CUDA run on a model set to varlen; flex stands in for it on the CPU (the
+    same limitation: no KV cache, one query per key). Generation swaps in sdpa and then restores the kernel."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftpipe.evaluation.generate import generate_replies
+    from ftpipe.training import attention
+
+    attention.register()
+    tokenizer = AutoTokenizer.from_pretrained(fixtures[0])
+    prompts = [[1, 5, 6, 7], [1, 8, 9]]
+    want = generate_replies(AutoModelForCausalLM.from_pretrained(fixtures[0]), tokenizer, prompts, [], 4)
+    model = AutoModelForCausalLM.from_pretrained(fixtures[0], attn_implementation=attention.FLEX)
+    with pytest.raises(ValueError, match="block_mask"):  # the packed kernel given a decoding step
+        generate_replies(model, tokenizer, prompts, [], 4)
+    with attention.attention_for_generation(model):
+        assert generate_replies(model, tokenizer, prompts, [], 4) == want
+    assert model.config._attn_implementation == attention.FLEX
+
+
 def test_document_spans_follow_restarting_positions():
     from ftpipe.training.attention import document_spans
 

@@ -18,7 +18,8 @@ The last two are not in transformers' mask interface, so the model passes `atten
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -164,6 +165,23 @@ def register() -> str:
     AttentionInterface.register(VARLEN, varlen_attention_forward)
     AttentionInterface.register(FLEX, flex_attention_forward)
     return register_docs()
+
+
+@contextmanager
+def attention_for_generation(model: torch.nn.Module) -> Iterator[None]:
+    """varlen and flex assume packed training rows (as many keys as queries, no KV cache, no padding mask), so a
+    model set to them cannot decode; generation in the middle of a training run (sample replies) swaps in sdpa
+    for its duration. Other implementations already handle decoding themselves (ftpipe_docs falls back)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    impl = base.config._attn_implementation
+    if impl not in (VARLEN, FLEX):
+        yield
+        return
+    base.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(impl)
 
 
 class PackedBoundaries:

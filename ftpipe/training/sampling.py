@@ -51,11 +51,15 @@ class SampleReplies(TrainerCallback):
         if state.global_step % self.every or not state.is_world_process_zero or model is None:
             return
         from ..evaluation.generate import generate_replies
+        from .attention import attention_for_generation
 
         device = next(model.parameters()).device
         was_training = model.training
-        with torch.autocast(
-            device.type, dtype=self.autocast_dtype or torch.float32, enabled=bool(self.autocast_dtype)
+        with (
+            attention_for_generation(model),
+            torch.autocast(
+                device.type, dtype=self.autocast_dtype or torch.float32, enabled=bool(self.autocast_dtype)
+            ),
         ):
             replies = generate_replies(
                 model, self.tokenizer, self.prompt_ids, self.stop_words, self.max_new_tokens
