@@ -24,18 +24,22 @@ def colorist(tmp_path_factory):
     return cfg, cache, download
 
 
-def test_colorist_metrics_before_equal_after_for_the_same_model(colorist, tmp_path):
-    cfg, cache, download = colorist
-    out = tmp_path / "out"
+def evaluate_against_itself(cfg, cache, download_entry, out):
+    """evaluate-chat with the downloaded model standing in for the merged one (before and after alike)."""
     out.mkdir()
-    entry = cache.entry_dir("download", download["key"])
     ctx = engine.StageContext(
         cfg=engine.slice_config(evaluate_chat.STAGE, cfg),
         out=out,
-        inputs={"download": entry, "merge": entry},
+        inputs={"download": download_entry, "merge": download_entry},
         cache=cache,
     )
-    metrics = evaluate_chat.run(ctx)
+    return evaluate_chat.run(ctx)
+
+
+def test_colorist_metrics_before_equal_after_for_the_same_model(colorist, tmp_path):
+    cfg, cache, download = colorist
+    out = tmp_path / "out"
+    metrics = evaluate_against_itself(cfg, cache, cache.entry_dir("download", download["key"]), out)
     assert metrics["eval_task"] == "colorist" and metrics["eval_questions"] == 8
     assert metrics["hex_valid_rate_before"] == metrics["hex_valid_rate_after"]
     assert metrics["answer_loss_before"] == pytest.approx(metrics["answer_loss_after"])
@@ -80,15 +84,7 @@ def test_assistant_name_rate_is_reported_per_language(tmp_path, monkeypatch):
         ]
 
     monkeypatch.setattr(evaluate_chat, "generate_replies", replies_naming_ada_in_chinese_only)
-    out = tmp_path / "out"
-    out.mkdir()
-    ctx = engine.StageContext(
-        cfg=engine.slice_config(evaluate_chat.STAGE, cfg),
-        out=out,
-        inputs={"download": entry, "merge": entry},
-        cache=cache,
-    )
-    metrics = evaluate_chat.run(ctx)
+    metrics = evaluate_against_itself(cfg, cache, entry, tmp_path / "out")
     assert metrics["eval_task"] == "assistant"
     assert metrics["name_rate_zh_after"] == 1.0 and metrics["name_rate_en_after"] == 0.0
     assert metrics["name_rate_after"] == pytest.approx(0.5)
