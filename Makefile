@@ -23,10 +23,10 @@ $(VENV)/.installed: pyproject.toml
 demo: setup  ## fine-tune SmolLM2-135M on colour names with LoRA, on the CPU, end to end
 	$(VENV)/bin/ftpipe +recipe=colorist_lora
 
-test: setup  ## the fast suite (tiny models, no network but PyPI)
+test: setup  ## the default suite: tiny models plus one SmolLM2 assistant run (~7 min; no network but PyPI)
 	$(VENV)/bin/pytest -q -m "not slow" $(PYTEST_ARGS)
 
-test-full: setup  ## everything, including the slow end-to-end runs on SmolLM2
+test-full: setup  ## everything, adding the colorist demo run on SmolLM2 (~9 min more)
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 lint: setup  ## ruff
