@@ -250,22 +250,6 @@ def lora_linear(
     return lora_linear_fwd(x, w, bias, a, b, scale)[0]
 
 
-def dequantize_nf4(
-    data: torch.Tensor,
-    absmax: torch.Tensor,
-    absmax2: torch.Tensor | None,
-    code2: torch.Tensor | None,
-    offset: torch.Tensor | None,
-    meta: tuple,
-) -> torch.Tensor:
-    """bitsandbytes 4-bit weight -> compute dtype, through bitsandbytes' registered torch ops."""
-    blocksize, blocksize2, quant_type, shape, dtype = meta
-    absmax = nf4_absmax(absmax, absmax2, code2, offset, blocksize2)
-    return torch.ops.bitsandbytes.dequantize_4bit.default(
-        data, absmax, blocksize, quant_type, list(shape), dtype
-    )
-
-
 def nf4_absmax(
     absmax: torch.Tensor,
     absmax2: torch.Tensor | None,

@@ -13,6 +13,7 @@ in the forward pass, one chunk of tokens at a time, so only a chunk's logits exi
 from __future__ import annotations
 
 import functools
+import inspect
 import types
 from typing import Any
 
@@ -194,10 +195,10 @@ class LigerLinearCrossEntropy(torch.autograd.Function):
         return grad_x, None, None, None
 
 
+@functools.lru_cache(maxsize=1)
 def _liger_kernel_ok() -> bool:
+    """Whether the installed Liger's CE kernel has the signature LigerLinearCrossEntropy calls."""
     try:
-        import inspect
-
         from liger_kernel.ops.cross_entropy import liger_cross_entropy_kernel
 
         names = set(inspect.signature(liger_cross_entropy_kernel.fn).parameters)
@@ -216,7 +217,7 @@ def linear_cross_entropy_sum(
     """Summed cross-entropy of `hidden @ weight.T (+ bias)` against `targets` (-100 ignored), in fp32."""
     x = hidden.reshape(-1, hidden.shape[-1])
     y = targets.reshape(-1)
-    if impl == "liger" and bias is None and not weight.requires_grad and x.is_cuda and _LIGER_NOSYNC():
+    if impl == "liger" and bias is None and not weight.requires_grad and x.is_cuda and _liger_kernel_ok():
         chunk = _liger_chunk_rows(x.shape[0], x.shape[1], weight.shape[0])
         return LigerLinearCrossEntropy.apply(x, weight, y.contiguous(), chunk)
     if impl == "liger":
@@ -232,9 +233,6 @@ def linear_cross_entropy_sum(
     if impl == "torch":
         return ChunkedLinearCrossEntropy.apply(x, weight, bias, y, _chunk_size(*x.shape, weight.shape[0]))
     raise ValueError(f"unknown fused cross-entropy implementation {impl!r}")
-
-
-_LIGER_NOSYNC = functools.lru_cache(maxsize=1)(_liger_kernel_ok)
 
 
 def _positions(mask: torch.Tensor, count: int) -> torch.Tensor:
