@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -18,8 +19,12 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
+from .errors import FtpipeError
+
 MANIFEST = "manifest.json"
 _HASH_MEMO = "file-hashes.json"
+# Entry folders are named by hex keys; anything else under a stage folder is not ours to list or delete.
+_ENTRY_NAME = re.compile(r"[0-9a-f]+(\.tmp)?")
 
 
 def canonical_json(obj: Any) -> str:
@@ -36,15 +41,21 @@ class Cache:
         self.root.mkdir(parents=True, exist_ok=True)
 
     # ---- layout -------------------------------------------------------------------------------
+    def stage_dir(self, stage: str) -> Path:
+        path = self.root / stage
+        if path.is_symlink():  # writing or deleting through it would touch files outside the cache
+            raise FtpipeError(f"{path} is a symlink; the cache only works in real folders under {self.root}")
+        return path
+
     def entry_dir(self, stage: str, key: str) -> Path:
-        return self.root / stage / key
+        return self.stage_dir(stage) / key
 
     def tmp_dir(self, stage: str, key: str) -> Path:
-        return self.root / stage / f"{key}.tmp"
+        return self.stage_dir(stage) / f"{key}.tmp"
 
     def lock(self, stage: str, key: str) -> FileLock:
-        (self.root / stage).mkdir(parents=True, exist_ok=True)
-        return FileLock(str(self.root / stage / f"{key}.lock"))
+        self.stage_dir(stage).mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.stage_dir(stage) / f"{key}.lock"))
 
     def has(self, stage: str, key: str) -> bool:
         return (self.entry_dir(stage, key) / MANIFEST).is_file()
@@ -108,12 +119,30 @@ class Cache:
 
     # ---- inspection and pruning -----------------------------------------------------------------
     def entries(self) -> Iterator[CacheEntry]:
-        for stage_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        """Entries and partial work held in real folders inside the root; symlinks are never followed."""
+        for stage_dir in sorted(self.root.iterdir()):
+            if not self._owned(stage_dir, self.root) or stage_dir.name.startswith("."):
+                continue
             for d in sorted(stage_dir.iterdir()):
-                if d.is_dir() and (d / MANIFEST).is_file():
+                if not self._owned(d, stage_dir) or not _ENTRY_NAME.fullmatch(d.name):
+                    continue
+                if (d / MANIFEST).is_file():
                     yield CacheEntry(stage_dir.name, d.name, d, "complete")
-                elif d.is_dir() and d.name.endswith(".tmp"):
+                elif d.name.endswith(".tmp"):
                     yield CacheEntry(stage_dir.name, d.name[: -len(".tmp")], d, "partial")
+
+    def strays(self) -> list[Path]:
+        """Symlinks where stage or entry folders belong: listed for the user, never followed or deleted."""
+        found = [p for p in self.root.iterdir() if p.is_symlink()]
+        for stage_dir in self.root.iterdir():
+            if self._owned(stage_dir, self.root):
+                found += [d for d in stage_dir.iterdir() if d.is_symlink()]
+        return sorted(found)
+
+    @staticmethod
+    def _owned(path: Path, parent: Path) -> bool:
+        """A real folder whose resolved location is directly inside `parent` (itself resolved)."""
+        return path.is_dir() and not path.is_symlink() and path.resolve().parent == parent.resolve()
 
     def gc(self, older_than_days: float | None = None, dry_run: bool = False) -> list[CacheEntry]:
         """Remove partial work no process holds, and (if asked) entries unused for `older_than_days`."""
@@ -132,6 +161,8 @@ class Cache:
             except Timeout:  # a running stage owns it
                 continue
             try:
+                if not self._owned(entry.path, self.root / entry.stage):  # swapped for a link since listing
+                    continue
                 if not dry_run:
                     shutil.rmtree(entry.path)
                 removed.append(entry)

@@ -131,6 +131,8 @@ def cmd_cache(args: list[str]) -> None:
         for e in removed:
             print(f"  {verb} {e.stage}/{e.path.name}")
         print(f"{verb} {len(removed)} item(s)")
+        for link in cache.strays():
+            print(f"  left alone: {link.relative_to(cache.root)} is a symlink (gc never follows links)")
 
 
 def cmd_chat(args: list[str]) -> None:

@@ -194,3 +194,37 @@ def test_an_unknown_stage_is_a_config_error_naming_the_key(setup):
     cache, cfg, _, _ = setup
     with pytest.raises(FtpipeError, match="config key `stages`.*nope"):
         run({**cfg, "stages": ["nope"]}, cache)
+
+
+def test_gc_never_deletes_through_a_symlink(tmp_path):
+    """A stage folder, an entry or a .tmp that is a symlink out of the cache is left alone, and so is its target."""
+    outside = tmp_path / "out"
+    for victim in ("victim.tmp", "0123abcd.tmp", "0123abcd"):
+        (outside / victim).mkdir(parents=True)
+        (outside / victim / "f").write_text("user data")
+    (outside / "0123abcd" / "manifest.json").write_text("{}")
+    root = tmp_path / "cache"
+    (root / "train").mkdir(parents=True)
+    (root / "evilstage").symlink_to(outside)
+    (root / "train" / "0123abcd.tmp").symlink_to(outside / "0123abcd.tmp")
+    (root / "train" / "0123abcd").symlink_to(outside / "0123abcd")
+    (root / "train" / "feed.tmp").mkdir()  # real partial work: still removed
+    cache = Cache(root)
+
+    assert [e.path for e in cache.entries()] == [root / "train" / "feed.tmp"]
+    assert [e.path for e in cache.gc(older_than_days=0, dry_run=True)] == [root / "train" / "feed.tmp"]
+    result = subprocess.run(
+        [sys.executable, "-m", "ftpipe", "cache", "gc", "--older-than", "0", "--cache-dir", str(root)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "removed 1 item(s)" in result.stdout
+    assert "left alone: evilstage is a symlink" in result.stdout
+    assert sorted(p.name for p in outside.iterdir()) == ["0123abcd", "0123abcd.tmp", "victim.tmp"]
+    assert all(
+        (outside / v / "f").read_text() == "user data" for v in ("victim.tmp", "0123abcd.tmp", "0123abcd")
+    )
+    assert not (root / "train" / "feed.tmp").exists()
+    with pytest.raises(FtpipeError, match="evilstage is a symlink"):
+        cache.tmp_dir("evilstage", "0123abcd")
