@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,qlora]"
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[dev,qlora,deepspeed,sweep]"  # DeepSpeed compiles its ops on first use
 	touch $@
 
 demo: setup  ## fine-tune SmolLM2-135M on colour names with LoRA, on the CPU, end to end

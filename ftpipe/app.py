@@ -10,11 +10,10 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from . import engine
+from . import engine, stages
 from .cache import Cache
 from .config import validate
 from .report import write_report
-from .stages import CHAIN
 
 
 def run(cfg: DictConfig, run_dir: Path) -> float | None:
@@ -22,7 +21,7 @@ def run(cfg: DictConfig, run_dir: Path) -> float | None:
     started = time.time()
     resolved = validate(cfg)
     cache = Cache(resolved["cache_dir"])
-    rows = engine.run(engine.plan(resolved, CHAIN, cache), cache)
+    rows = engine.run(stages.plan(resolved, cache), cache)
     objective = _objective(resolved["objective"], rows)
     run_dir.mkdir(parents=True, exist_ok=True)
     summary = {"stages": rows, "objective": objective, "wall_seconds": round(time.time() - started, 3)}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -21,6 +22,8 @@ from filelock import FileLock, Timeout
 
 from .errors import FtpipeError
 
+log = logging.getLogger("ftpipe")
+
 MANIFEST = "manifest.json"
 _HASH_MEMO = "file-hashes.json"
 # Entry folders are named by hex keys; anything else under a stage folder is not ours to list or delete.
@@ -33,6 +36,14 @@ def canonical_json(obj: Any) -> str:
 
 def sha256_of(obj: Any) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class Cache:
@@ -58,7 +69,45 @@ class Cache:
         return FileLock(str(self.stage_dir(stage) / f"{key}.lock"))
 
     def has(self, stage: str, key: str) -> bool:
-        return (self.entry_dir(stage, key) / MANIFEST).is_file()
+        """A committed entry whose files are all there with the sizes its manifest recorded (cheap: stat only);
+        a damaged one counts as missing, so it is recomputed instead of used."""
+        entry = self.entry_dir(stage, key)
+        if not (entry / MANIFEST).is_file():
+            return False
+        damaged = self.damaged(entry, check_hashes=False)
+        if damaged:
+            log.warning("[%s] %s is damaged (%s); recomputing it", stage, key, damaged[0])
+        return not damaged
+
+    def damaged(self, entry: Path, check_hashes: bool = True) -> list[str]:
+        """What differs from the manifest's record of the entry's files: missing, resized or (with
+        `check_hashes`) changed files. Entries committed before files were recorded are taken as they are."""
+        try:
+            recorded = json.loads((entry / MANIFEST).read_text()).get("files") or {}
+        except (OSError, json.JSONDecodeError) as exc:
+            return [f"{MANIFEST} unreadable: {exc}"]
+        problems = []
+        for rel, (size, digest) in sorted(recorded.items()):
+            path = entry / rel
+            try:
+                actual = path.stat().st_size
+            except OSError:
+                problems.append(f"{rel} is missing")
+                continue
+            if actual != size:
+                problems.append(f"{rel} has {actual} bytes, {size} were committed")
+            elif check_hashes and file_sha256(path) != digest:
+                problems.append(f"{rel} changed after commit (sha256 differs)")
+        return problems
+
+    @staticmethod
+    def file_record(folder: Path) -> dict[str, list]:
+        """[size, sha256] of every file under `folder` (the manifest aside), by relative path."""
+        return {
+            str(f.relative_to(folder)): [f.stat().st_size, file_sha256(f)]
+            for f in sorted(folder.rglob("*"))
+            if f.is_file() and not f.is_symlink() and f.name != MANIFEST
+        }
 
     def manifest(self, stage: str, key: str) -> dict[str, Any]:
         return json.loads((self.entry_dir(stage, key) / MANIFEST).read_text())

@@ -12,48 +12,29 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .errors import FtpipeError
+from .models.loading import load_for_inference
 
 HELP = "(end a message with an empty line; RESET clears the history; EXIT quits)"
 
 
 def _recipe_target(overrides: list[str], config_dir: str | None) -> tuple[Path, dict[str, Any], str | None]:
     """The merged model of the composed config, its template and the system prompt training used."""
-    from . import engine
+    from . import stages
     from .cache import Cache
     from .config import compose, validate
-    from .data.formats import load_conversations
-    from .stages import CHAIN
+    from .data.info import DATA_INFO, DataInfo
 
     cfg = validate(compose(overrides, config_dir))
     cache = Cache(cfg["cache_dir"])
-    steps = {s.stage.name: s for s in engine.plan({**cfg, "stages": ["merge"]}, CHAIN, cache)}
+    steps = {s.stage.name: s for s in stages.plan({**cfg, "stages": ["merge"]}, cache)}
     merge = steps["merge"]
     if not merge.hit:
         shown = " ".join(overrides)
         raise FtpipeError(
             f"no merged model for this config yet: run `ftpipe {shown}` first (merge key {merge.key})"
         )
-    download = cache.entry_dir("download", steps["download"].key)
-    train, _, _ = load_conversations(download / "data", cfg["dataset"])
-    system = train[0][0].get("system") or None
-    return cache.entry_dir("merge", merge.key) / "model", cfg["template"], system
-
-
-def _load(model: str, adapter: str | None, trust_remote_code: bool):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-    lm = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code).to(
-        device
-    )
-    if adapter:
-        from peft import PeftModel
-
-        lm = PeftModel.from_pretrained(lm, adapter)
-    return lm, tokenizer
+    data = DataInfo.read(cache.entry_dir("map", steps["map"].key) / DATA_INFO)
+    return cache.entry_dir("merge", merge.key) / "model", cfg["template"], data.system
 
 
 def chat_loop(
@@ -118,15 +99,20 @@ def main(args: list[str]) -> None:
     if not ns.target:
         parser.error("give +recipe=NAME (and overrides) or a model")
 
-    from .data.templates import load_template
-
     if any("=" in t for t in ns.target):
         model_dir, template, system = _recipe_target(ns.target, config_dir)
-        model, tokenizer = _load(str(model_dir), None, False)
+        model, tokenizer = load_for_inference(model_dir)
     else:
         (model_name,) = ns.target
-        template, system = load_template(ns.template or "tokenizer"), None
-        model, tokenizer = _load(model_name, ns.adapter, ns.trust_remote_code)
+        from omegaconf import OmegaConf
+
+        from .config import compose
+
+        composed = compose(
+            [f"template={ns.template or 'tokenizer'}"], config_dir
+        )  # templates come from Hydra
+        template, system = OmegaConf.to_container(composed.template, resolve=True), None
+        model, tokenizer = load_for_inference(model_name, ns.adapter, ns.trust_remote_code)
     if ns.system is not None:
         system = ns.system
     if sys.stdin.isatty():

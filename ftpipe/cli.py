@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from .data.labels import IGNORE_INDEX
 from .errors import FtpipeError
-from .paths import CONF_DIR, RECIPES_DIR, default_cache_root
+from .paths import CONF_DIR, default_cache_root
 
 log = logging.getLogger("ftpipe")
 
@@ -46,31 +48,35 @@ def _split_config_dir(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def cmd_show(args: list[str]) -> None:
-    from . import engine
+    from . import stages
     from .cache import Cache
     from .config import compose, validate
-    from .stages import CHAIN
 
     config_dir, overrides = _split_config_dir(args)
     resolved = validate(compose(overrides, config_dir))
     print(OmegaConf.to_yaml(OmegaConf.create(resolved)))
     cache = Cache(resolved["cache_dir"])
     print(f"plan (cache: {cache.root}):")
-    for step in engine.plan(resolved, CHAIN, cache):
+    plan = stages.plan(resolved, cache)
+    for step in plan:
         print(
             f"  {step.stage.name:<14} {step.key}  {'hit ' if step.hit else 'miss'}  {cache.entry_dir(step.stage.name, step.key)}"
         )
+    train = next((step for step in plan if step.stage.name == "train"), None)
+    if train is not None:
+        from .training.launch import SPEC, describe
 
-
-def _first_comment_lines(path: Path) -> list[str]:
-    return [line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")]
+        print()
+        for line in describe(train.slice, cache.tmp_dir("train", train.key) / SPEC):
+            print(line)
 
 
 def cmd_ls(args: list[str]) -> None:
+    from .recipes import RECIPES
+
     print("recipes (run with `ftpipe +recipe=NAME`, copy with `ftpipe cp recipe/NAME DEST`):")
-    for recipe in sorted(RECIPES_DIR.glob("*.yaml")):
-        about = next((c for c in _first_comment_lines(recipe)[2:]), "")
-        print(f"  {recipe.stem:<22} {about}")
+    for entry in RECIPES:
+        print(f"  {entry.name:<22} {entry.summary}")
     print("\nconfig groups (swap with `GROUP=OPTION`):")
     for group in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "recipe"):
         print(
@@ -79,23 +85,22 @@ def cmd_ls(args: list[str]) -> None:
 
 
 def cmd_cp(args: list[str]) -> None:
+    from .recipes import recipe
+
     parser = argparse.ArgumentParser(prog="ftpipe cp", description="Copy a recipe to edit it.")
     parser.add_argument("recipe", help="recipe/NAME or NAME")
     parser.add_argument("dest", help="a config folder; the copy lands in DEST/recipe/")
     parser.add_argument("--name", help="name of the copy (default: the recipe's name)")
     ns = parser.parse_args(args)
-    name = ns.recipe.removeprefix("recipe/").removesuffix(".yaml")
-    source = RECIPES_DIR / f"{name}.yaml"
-    if not source.is_file():
-        raise FtpipeError(f"no recipe {name!r}; `ftpipe ls` lists them")
-    new_name = ns.name or name
+    source = recipe(ns.recipe)
+    new_name = ns.name or source.name
     dest_dir = Path(ns.dest).expanduser().resolve()
     target = dest_dir / "recipe" / f"{new_name}.yaml"
     if target.exists():
         raise FtpipeError(f"{target} exists; not overwriting it (pick another --name or DEST)")
     target.parent.mkdir(parents=True, exist_ok=True)
     command = f"ftpipe --config-dir {dest_dir} +recipe={new_name}"
-    lines = source.read_text().splitlines(keepends=True)
+    lines = source.path.read_text().splitlines(keepends=True)
     # line 1 is Hydra's `# @package _global_`, line 2 the command that runs the recipe
     target.write_text(lines[0] + f"# {command}\n" + "".join(lines[2:]))
     print(f"copied to {target}\nedit it, then run:\n  {command}")
@@ -105,7 +110,7 @@ def cmd_cache(args: list[str]) -> None:
     from .cache import Cache
 
     parser = argparse.ArgumentParser(prog="ftpipe cache", description="Inspect or prune the stage cache.")
-    parser.add_argument("action", choices=["ls", "gc"])
+    parser.add_argument("action", choices=["ls", "gc", "verify"])
     parser.add_argument("--cache-dir", default=None, help="default: $FTPIPE_CACHE or ~/.cache/ftpipe")
     parser.add_argument(
         "--older-than",
@@ -115,6 +120,7 @@ def cmd_cache(args: list[str]) -> None:
         help="gc: also drop entries unused this long",
     )
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--remove", action="store_true", help="verify: delete the damaged entries")
     ns = parser.parse_args(args)
     cache = Cache(ns.cache_dir or default_cache_root())
     if ns.action == "ls":
@@ -125,6 +131,23 @@ def cmd_cache(args: list[str]) -> None:
             total += size
             print(f"  {e.stage:<14} {e.key}  {e.state:<8} {size / 2**20:9.1f} MiB")
         print(f"total {total / 2**20:.1f} MiB")
+    elif ns.action == "verify":
+        damaged = 0
+        for e in cache.entries():
+            problems = cache.damaged(e.path) if e.state == "complete" else []
+            if problems:
+                damaged += 1
+                print(f"  damaged {e.stage}/{e.key}: {'; '.join(problems)}")
+                if ns.remove:
+                    shutil.rmtree(e.path)
+        print(
+            f"{damaged} damaged entr{'y' if damaged == 1 else 'ies'}"
+            + (" removed" if ns.remove and damaged else "")
+        )
+        if damaged and not ns.remove:
+            raise FtpipeError(
+                "damaged entries are recomputed when a run needs them; `--remove` deletes them now"
+            )
     else:
         removed = cache.gc(ns.older_than, ns.dry_run)
         verb = "would remove" if ns.dry_run else "removed"
@@ -145,9 +168,9 @@ def _marked(tokenizer, ids: list[int], labels: list[int], color: bool) -> str:
     """The sample's text with the tokens that carry loss marked: green on a terminal, else [[…]]."""
     out, start = [], 0
     for i in range(1, len(ids) + 1):
-        if i == len(ids) or (labels[i] != -100) != (labels[start] != -100):
+        if i == len(ids) or (labels[i] != IGNORE_INDEX) != (labels[start] != IGNORE_INDEX):
             text = tokenizer.decode(ids[start:i])
-            if labels[start] != -100:
+            if labels[start] != IGNORE_INDEX:
                 text = f"\033[1;32m{text}\033[0m" if color else f"[[{text}]]"
             out.append(text)
             start = i
@@ -158,20 +181,19 @@ def cmd_check(args: list[str]) -> None:
     """Validate every dataset row (FILE:LINE for each problem) and show samples with the trained tokens marked."""
     from transformers import AutoTokenizer
 
-    from . import engine
+    from . import engine, stages
     from .cache import Cache
     from .config import compose, validate
     from .data.formats import convert_rows
-    from .data.templates import encode_batch, encode_pretrain, resolve_template
-    from .stages import CHAIN
+    from .data.templates import encode, resolve_template
 
     config_dir, overrides = _split_config_dir(args)
     resolved = validate(compose(overrides, config_dir))
     cache = Cache(resolved["cache_dir"])
-    (download,) = engine.run(engine.plan({**resolved, "stages": ["download"]}, CHAIN, cache), cache)
-    entry = Path(download["output"])
+    rows = {r["name"]: r for r in engine.run(stages.plan({**resolved, "stages": ["download"]}, cache), cache)}
+    model_dir = Path(rows["download-model"]["output"]) / "model"
     dataset = resolved["dataset"]
-    converted = convert_rows(entry / "data", dataset)
+    converted = convert_rows(Path(rows["download-data"]["output"]) / "data", dataset)
     report = converted.report()
     print(
         f"dataset {dataset['path']}: format {converted.format}{' (detected)' if converted.detected else ''}; "
@@ -183,16 +205,14 @@ def cmd_check(args: list[str]) -> None:
     if converted.hint:
         print(f"hint: {converted.hint}")
 
-    tokenizer = AutoTokenizer.from_pretrained(entry / "model")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     template = resolve_template(resolved["template"], tokenizer)
     max_length, too_long = dataset["max_length"], []
     for start in range(0, len(converted.train), 1000):
         batch = converted.train[start : start + 1000]
-        if converted.format == "pretrain":
-            ids, _ = encode_pretrain(tokenizer, [conv[0]["output"] for conv in batch])
-        else:
-            ids, _ = encode_batch(tokenizer, template, batch, dataset["train_on_inputs"])
-        too_long += [(start + i, len(x)) for i, x in enumerate(ids) if len(x) > max_length]
+        _, _, offsets = encode(tokenizer, template, batch, converted.format, dataset["train_on_inputs"])
+        lengths = (offsets[1:] - offsets[:-1]).tolist()
+        too_long += [(start + i, n) for i, n in enumerate(lengths) if n > max_length]
     if too_long:
         verb = "split into chunks" if dataset["truncation"] == "split" else "truncated"
         print(
@@ -207,11 +227,11 @@ def cmd_check(args: list[str]) -> None:
         f"\n{min(3, len(converted.train))} sample(s), template {template.get('name')}; tokens with loss {legend}:"
     )
     for conv, where in list(zip(converted.train, converted.where, strict=True))[:3]:
-        if converted.format == "pretrain":
-            (ids,), (labels,) = encode_pretrain(tokenizer, [conv[0]["output"]])
-        else:
-            (ids,), (labels,) = encode_batch(tokenizer, template, [conv], dataset["train_on_inputs"])
-        print(f"--- {where} ({len(ids)} tokens, {sum(1 for x in labels if x != -100)} with loss)")
+        flat_ids, flat_labels, _ = encode(
+            tokenizer, template, [conv], converted.format, dataset["train_on_inputs"]
+        )
+        ids, labels = flat_ids.tolist(), flat_labels.tolist()
+        print(f"--- {where} ({len(ids)} tokens, {sum(1 for x in labels if x != IGNORE_INDEX)} with loss)")
         print(_marked(tokenizer, ids, labels, color))
     if converted.problems:
         raise FtpipeError(

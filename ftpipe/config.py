@@ -10,7 +10,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import FtpipeError
-from .paths import CONF_DIR
+from .paths import CONF_DIR, default_cache_root
+from .training.distributed import zero_stage
 
 
 @dataclass
@@ -30,7 +31,10 @@ class DatasetConfig:
     split: str = "train"  # hub split to read
     eval_size: int = 0  # rows held out (seeded) for evaluation
     name: str | None = None  # the assistant's owner (embedded assistant set)
-    system: str | None = None  # overrides the format's system prompt
+    # the system prompt of rows that carry none, instead of the format's default (colors: XTuner's colorist
+    # prompt, alpaca: XTuner's alpaca prompt); "" = none; null = the format's default. Rows' own system
+    # turns are kept.
+    system: str | None = None
     max_length: int = 2048
     pack: bool = True
     truncation: str = "truncate"  # truncate | split: what pack does with a sample longer than max_length
@@ -67,10 +71,13 @@ class OptimizerConfig:
 
 @dataclass
 class LauncherConfig:
-    name: str = "local"
-    nproc_per_node: int = 1
+    name: str = (
+        "local"  # local | torchrun | deepspeed_zero1 | deepspeed_zero2[_offload] | deepspeed_zero3[_offload]
+    )
+    nproc_per_node: Any = 1  # ranks on each node; `auto`: one per visible GPU (1 without GPUs)
     nnodes: int = 1
-    rdzv_endpoint: str | None = None
+    rdzv_endpoint: str | None = None  # HOST:PORT of the rendezvous (multi-node)
+    timeout_minutes: int = 30  # a collective waiting longer than this fails the run instead of hanging it
     deepspeed: dict[str, Any] | None = None
 
 
@@ -84,16 +91,20 @@ class LoraConfig:
 
 @dataclass
 class SpeedConfig:
-    """GPU speed levers (ftpipe/training/levers.py). `auto` picks the best measured setting for the device;
+    """GPU speed levers (ftpipe/training/speed/). `auto` picks the best measured setting for the device;
     on the CPU every lever resolves to the plain path (docs/performance.md has the measurements)."""
 
     # auto | sdpa | docs | varlen | flex: per-document causal attention on packed rows (auto: varlen on CUDA,
     # docs on CPU; sdpa = transformers' dense per-document mask)
     attention: str = "auto"
-    fused_ce: str = "auto"  # auto | liger | torch | off: linear + cross-entropy without the full logits
+    # auto | liger | torch | off: linear + cross-entropy without the full logits (auto: liger or torch on CUDA,
+    # off on CPU); off = the answer-only loss (the model's LM head only where a label is trained)
+    fused_ce: str = "auto"
     compile: str = "auto"  # auto | on | off: torch.compile each decoder layer
     fused_lora: str = "auto"  # auto | on | off: one autograd function per LoRA linear (base + A/B)
-    checkpointing: str = "auto"  # auto | none | full | offload | selective
+    # auto | none | full | offload | selective: recompute layers in backward to save memory (auto = none;
+    # offload = full on CPU)
+    checkpointing: str = "auto"
     adapter_dtype: str = "auto"  # auto | bf16 | fp32: LoRA weights' dtype (bf16 skips autocast copies)
     # compiled layers keep this fraction of their activations, recomputing the cheapest ops in backward
     # (torch._functorch.config.activation_memory_budget); None = auto (0.8 without checkpointing on CUDA)
@@ -114,9 +125,6 @@ class TrainConfig:
     save_total_limit: int = 2
     logging_steps: int = 5
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
-    gradient_checkpointing: bool = False
-    # answer_only: the LM head runs only where a label is trained (same loss, far less work on short answers)
-    loss: str = "answer_only"  # answer_only | full
     sample_every: int = 0  # generate replies to the recipe's eval inputs every N steps; 0 = off
     sample_max_new_tokens: int = 48
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -150,7 +158,7 @@ class MergeConfig:
 @dataclass
 class RootConfig:
     stages: list[str] = field(default_factory=list)
-    cache_dir: str = "~/.cache/ftpipe"
+    cache_dir: str = "${ftpipe.cache_root:}"  # paths.default_cache_root: $FTPIPE_CACHE or ~/.cache/ftpipe
     seed: int = 42
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -170,6 +178,7 @@ def register_schema() -> None:
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name="ftpipe_schema", node=RootConfig)
+    OmegaConf.register_new_resolver("ftpipe.cache_root", default_cache_root, replace=True)
 
 
 register_schema()
@@ -190,7 +199,6 @@ _CHOICES = {
     "eval.task": {"auto", "colorist", "assistant", "none"},
     "objective.direction": {"minimize", "maximize"},
     "optimizer.name": {"adamw"},
-    "train.loss": {"answer_only", "full"},
     "merge.dtype": {"auto", "fp32", "bf16", "fp16"},
 }
 
@@ -216,8 +224,9 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
         if node[leaf] not in allowed:
             raise FtpipeError(f"config key `{dotted}`: {node[leaf]!r} is not one of {sorted(allowed)}")
     train, launcher = resolved["train"], resolved["launcher"]
-    stage = ((launcher.get("deepspeed") or {}).get("zero_optimization") or {}).get("stage")
-    if train["method"] in {"qlora", "lora8bit"} and stage == 3:
+    _validate_launcher(launcher)
+    _validate_before_any_stage(resolved)
+    if train["method"] in {"qlora", "lora8bit"} and zero_stage(launcher) == 3:
         raise FtpipeError(
             "config keys `train.method` and `launcher`: ZeRO-3 cannot shard 4/8-bit quantized weights"
         )
@@ -241,6 +250,55 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
         if "{input}" not in template["instruction"]:
             raise FtpipeError("config key `template.instruction` must contain {input}")
     return resolved
+
+
+def _validate_before_any_stage(cfg: dict[str, Any]) -> None:
+    """Combinations that would fail only late in the chain (after the data stages, or after training)."""
+    import torch
+
+    from .tasks import task_name
+
+    if cfg["train"]["precision"] == "fp16" and not torch.cuda.is_available():
+        raise FtpipeError(
+            "config key `train.precision`: fp16 needs a CUDA GPU; use bf16, fp32 or auto on CPU"
+        )
+    stages = [s.replace("_", "-") for s in cfg.get("stages") or []]
+    evaluates = not stages or "evaluate-chat" in stages
+    dataset = cfg["dataset"]
+    task = task_name(cfg["eval"]["task"], dataset["format"], dataset["name"])
+    if evaluates and task == "colorist" and not dataset["eval_size"]:
+        raise FtpipeError(
+            "config key `dataset.eval_size`: 0 leaves no held-out rows for eval.task=colorist to score; "
+            "set dataset.eval_size > 0, or eval.task=none to only train"
+        )
+
+
+def _validate_launcher(launcher: dict[str, Any]) -> None:
+    """Resolve `nproc_per_node: auto` and refuse launches that could only fail once started."""
+    import importlib.util
+
+    if launcher["nproc_per_node"] == "auto":
+        import torch
+
+        launcher["nproc_per_node"] = max(1, torch.cuda.device_count() if torch.cuda.is_available() else 1)
+    if not isinstance(launcher["nproc_per_node"], int) or launcher["nproc_per_node"] < 1:
+        raise FtpipeError(
+            f"config key `launcher.nproc_per_node` must be a number ≥ 1 or auto, got {launcher['nproc_per_node']!r}"
+        )
+    if launcher["nnodes"] < 1:
+        raise FtpipeError(f"config key `launcher.nnodes` must be ≥ 1, got {launcher['nnodes']}")
+    if launcher["nnodes"] > 1 and not launcher.get("rdzv_endpoint"):
+        raise FtpipeError(
+            "config key `launcher.rdzv_endpoint`: set HOST:PORT of the rendezvous for nnodes > 1"
+        )
+    if launcher["timeout_minutes"] < 1:
+        raise FtpipeError(
+            f"config key `launcher.timeout_minutes` must be ≥ 1, got {launcher['timeout_minutes']}"
+        )
+    if launcher.get("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        raise FtpipeError(
+            f"config key `launcher`: launcher={launcher['name']} needs DeepSpeed (pip install 'ftpipe[deepspeed]')"
+        )
 
 
 def _validate_train(train: dict[str, Any], optimizer: dict[str, Any]) -> None:

@@ -24,15 +24,27 @@ log = logging.getLogger("ftpipe")
 
 # Leaf names that tune how a stage runs, never what it produces; they stay out of every key.
 RUNTIME_KEYS = frozenset({"num_proc", "num_workers", "log_level", "progress", "dataloader_workers"})
-_LIBS = ("ftpipe", "torch", "transformers", "peft", "datasets", "accelerate", "bitsandbytes")
+SHARED = "shared"  # under the cache root, beside the stage folders
+_LIBS = ("ftpipe", "torch", "transformers", "peft", "datasets", "accelerate", "bitsandbytes", "deepspeed")
 
 
 @dataclass
 class StageContext:
     cfg: dict[str, Any]  # the stage's slice of the resolved config, runtime keys included
     out: Path  # the only place the stage writes
-    inputs: dict[str, Path]  # upstream stage name -> its committed entry dir
-    cache: Cache
+    upstream: dict[
+        str, tuple[Path, tuple[str, ...]]
+    ]  # upstream stage -> (its entry dir, its declared outputs)
+    shared: Path  # cache-wide folder for what outlives one entry: fetched wheels and GGUFs, compiled ops
+
+    def input(self, stage: str, output: str) -> Path:
+        """An upstream stage's declared output, as committed."""
+        if stage not in self.upstream:
+            raise KeyError(f"{stage!r} is not upstream of this stage (upstream: {sorted(self.upstream)})")
+        entry, outputs = self.upstream[stage]
+        if output not in outputs:
+            raise KeyError(f"stage {stage!r} declares no output {output!r} (it declares {list(outputs)})")
+        return entry / output
 
 
 @dataclass(frozen=True)
@@ -42,7 +54,14 @@ class Stage:
     reads: tuple[str, ...]  # dotted config keys forming the slice
     run: Callable[[StageContext], dict[str, Any] | None]  # returns metrics for the manifest and run.json
     upstream: tuple[str, ...] = ()
+    # files or folders the stage writes into its dir, the names downstream stages ask for (DVC's `outs`);
+    # an output may be absent only if the stage lists it in `optional`
+    outputs: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
     path_keys: tuple[str, ...] = ()  # keys of `reads` that may name local files: hashed by content
+    # the slice as the key sees it, where several settings give one result (e.g. the same global batch
+    # split over more ranks); the stage still runs with the full slice
+    key_view: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     resumable: bool = False  # keep <key>.tmp after a failure so a rerun can continue from it
 
 
@@ -54,6 +73,7 @@ class PlannedStage:
     key_material: dict[str, Any]
     hit: bool
     upstream_keys: dict[str, str] = field(default_factory=dict)
+    upstream_outputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def _get(cfg: dict[str, Any], dotted: str) -> Any:
@@ -95,15 +115,25 @@ def slice_config(stage: Stage, cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def plan(cfg: dict[str, Any], chain: Sequence[Stage], cache: Cache) -> list[PlannedStage]:
-    """Keys and hit/miss for the requested stages plus everything upstream of them, in chain order."""
+def plan(
+    cfg: dict[str, Any],
+    chain: Sequence[Stage],
+    cache: Cache,
+    aliases: dict[str, tuple[str, ...]] | None = None,
+) -> list[PlannedStage]:
+    """Keys and hit/miss for the requested stages plus everything upstream of them, in chain order.
+
+    `aliases` names groups of stages a user may ask for by one word (`stages=[download]`)."""
     by_name = {s.name: s for s in chain}
+    aliases = aliases or {}
     # `evaluate_chat` is accepted for `evaluate-chat`: Hydra users type underscores out of habit.
-    wanted = {name.replace("_", "-") for name in cfg.get("stages") or [s.name for s in chain]}
+    asked = [name.replace("_", "-") for name in cfg.get("stages") or [s.name for s in chain]]
+    wanted = {stage for name in asked for stage in aliases.get(name, (name,))}
     unknown = wanted - by_name.keys()
     if unknown:
         raise FtpipeError(
-            f"config key `stages`: unknown stage(s) {sorted(unknown)}; available: {[s.name for s in chain]}"
+            f"config key `stages`: unknown stage(s) {sorted(unknown)}; available: "
+            f"{[s.name for s in chain] + sorted(aliases)}"
         )
     todo = list(wanted)
     while todo:  # close over upstream dependencies
@@ -122,6 +152,8 @@ def plan(cfg: dict[str, Any], chain: Sequence[Stage], cache: Cache) -> list[Plan
             path = local_path(_get(cfg_slice, dotted))
             if path is not None:  # the key follows the content, not where it sits on this machine
                 _put(hashed, dotted, {"content_sha256": cache.content_hash(path)})
+        if stage.key_view is not None:
+            hashed = stage.key_view(hashed)
         upstream_keys = {up: planned[up].key for up in stage.upstream}
         material = {
             "stage": stage.name,
@@ -131,7 +163,13 @@ def plan(cfg: dict[str, Any], chain: Sequence[Stage], cache: Cache) -> list[Plan
         }
         key = sha256_of(material)[:20]
         planned[stage.name] = PlannedStage(
-            stage, key, cfg_slice, material, cache.has(stage.name, key), upstream_keys
+            stage,
+            key,
+            cfg_slice,
+            material,
+            cache.has(stage.name, key),
+            upstream_keys,
+            {up: by_name[up].outputs for up in stage.upstream},
         )
     return list(planned.values())
 
@@ -184,11 +222,18 @@ def _execute(step: PlannedStage, cache: Cache) -> dict[str, Any]:
     if tmp.exists() and not stage.resumable:
         shutil.rmtree(tmp)  # leftovers of a killed run
     tmp.mkdir(parents=True, exist_ok=True)
-    inputs = {up: cache.entry_dir(up, up_key) for up, up_key in step.upstream_keys.items()}
+    upstream = {
+        up: (cache.entry_dir(up, up_key), step.upstream_outputs[up])
+        for up, up_key in step.upstream_keys.items()
+    }
     log.info("[%s] miss: running into %s", stage.name, tmp)
     started = time.time()
+    ctx = StageContext(cfg=step.slice, out=tmp, upstream=upstream, shared=cache.root / SHARED)
     try:
-        metrics = stage.run(StageContext(cfg=step.slice, out=tmp, inputs=inputs, cache=cache)) or {}
+        metrics = stage.run(ctx) or {}
+        missing = [o for o in stage.outputs if o not in stage.optional and not (tmp / o).exists()]
+        if missing:
+            raise FtpipeError(f"{stage.name}: finished without writing its declared output(s) {missing}")
     except BaseException:
         if not stage.resumable:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -205,6 +250,7 @@ def _execute(step: PlannedStage, cache: Cache) -> dict[str, Any]:
         "finished": finished,
         "seconds": round(finished - started, 3),
         "metrics": metrics,
+        "files": cache.file_record(tmp),  # [size, sha256] each: a hit checks sizes, `cache verify` hashes
     }
     cache.commit(stage.name, key, manifest)
     return metrics

@@ -17,5 +17,7 @@ ASSETS_DIR = PACKAGE_DIR / "assets"
 EMBEDDED_DATA_DIR = PACKAGE_DIR / "data" / "embedded"
 
 
-def default_cache_root() -> Path:
-    return Path(os.environ.get("FTPIPE_CACHE") or Path.home() / ".cache" / "ftpipe").expanduser()
+def default_cache_root() -> str:
+    """The one default of the cache root (`cache_dir` in the config, `ftpipe cache`): $FTPIPE_CACHE if set,
+    else ~/.cache/ftpipe; `cache_dir=` on the command line wins over both. Cache() expands the `~`."""
+    return os.environ.get("FTPIPE_CACHE") or "~/.cache/ftpipe"

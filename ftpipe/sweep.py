@@ -15,6 +15,8 @@ from .report import _fmt
 
 log = logging.getLogger("ftpipe")
 
+DATA_FIRST = "data_first.json"  # the data stages the launching process ran before the jobs
+
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     jobs = []
@@ -55,7 +57,10 @@ def _swept(jobs: list[dict[str, Any]]) -> list[str]:
 
 def write_summary(sweep_dir: Path, objective: dict[str, Any] | None) -> list[dict[str, Any]]:
     jobs = collect(sweep_dir)
-    (sweep_dir / "sweep.json").write_text(json.dumps({"objective": objective, "jobs": jobs}, indent=2))
+    first = sweep_dir / DATA_FIRST
+    before = {r["name"]: r["hit"] for r in json.loads(first.read_text())} if first.is_file() else {}
+    summary = {"objective": objective, "data_first": before, "jobs": jobs}
+    (sweep_dir / "sweep.json").write_text(json.dumps(summary, indent=2))
     metric = (objective or {}).get("metric")
     metric_names = sorted({m for j in jobs for m in j["metrics"] if m.endswith(("_after", "loss"))})
     head = ["job", "overrides", "stages hit", "wall s", *metric_names]
@@ -123,6 +128,30 @@ def _plot(jobs: list[dict[str, Any]], metric: str, swept: list[str], target: Pat
     fig.tight_layout()
     fig.savefig(target, dpi=110)
     plt.close(fig)
+
+
+class DataFirst(Callback):
+    """Hydra callback: before a multirun fans out (in parallel, on other machines, as Slurm jobs), compute the
+    data stages of the sweep's base config once in the launching process, so the jobs find them cached
+    instead of racing to tokenise. Jobs whose sweep changes the data still compute their own, once per key."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from . import engine, stages
+        from .cache import Cache
+        from .config import validate
+        from .errors import FtpipeError
+
+        try:
+            resolved = validate(config)
+        except FtpipeError as exc:  # e.g. a swept value completes the config: the jobs do it themselves
+            log.info("data stages left to the jobs (%s)", exc)
+            return
+        cache = Cache(resolved["cache_dir"])
+        rows = engine.run(stages.plan({**resolved, "stages": ["pack"]}, cache), cache)
+        log.info("data stages ready before the jobs: %s", ", ".join(f"{r['name']} {r['key']}" for r in rows))
+        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        (sweep_dir / DATA_FIRST).write_text(json.dumps(rows, indent=2, default=str))
 
 
 class SweepSummary(Callback):

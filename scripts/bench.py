@@ -3,7 +3,7 @@
 
 Each case trains the same random-init model shape on the same packed data (random tokens, documents of random
 length packed into rows of 2048) with the same batch and LoRA config, first as a user would set it up with
-HF Trainer + PEFT, then through ftpipe's train-stage hooks (ftpipe/training/speed.py). It prints tokens/s
+HF Trainer + PEFT, then through ftpipe's train-stage hooks (ftpipe/training/speed/). It prints tokens/s
 (median step after warm-up), peak GPU memory, MFU and the ratios ftpipe / HF, and checks that both paths give
 the same loss and LoRA gradients on the same weights and batch (the correctness guard).
 
@@ -82,7 +82,8 @@ SHAPES: dict[str, dict[str, Any]] = {
     ),
 }
 
-# case -> shape, method, rows per step, checkpointing (HF: gradient_checkpointing; ftpipe: its default for it)
+# case -> shape, method, rows per step, checkpointing (HF: gradient_checkpointing; ftpipe: train.speed.checkpointing
+# offload, the memory-saving setting on CUDA)
 CASES: dict[str, dict[str, Any]] = {
     "llama1b_lora": dict(shape="llama-3.2-1b", method="lora", batch=4, ckpt=False),
     "llama1b_lora_ckpt": dict(shape="llama-3.2-1b", method="lora", batch=4, ckpt=True),
@@ -108,6 +109,8 @@ def log(*a: Any) -> None:
 def make_rows(n_rows: int, vocab: int, seed: int, row: int = ROW) -> list[dict[str, torch.Tensor]]:
     """Rows of `row` tokens, each several documents (lengths 64..1024, the last one cut to fill the row), with
     position_ids restarting per document and no loss on a document's first token (nothing predicts it)."""
+    from ftpipe.data.labels import IGNORE_INDEX
+
     g = torch.Generator().manual_seed(seed)
     rows = []
     for _ in range(n_rows):
@@ -117,7 +120,7 @@ def make_rows(n_rows: int, vocab: int, seed: int, row: int = ROW) -> list[dict[s
         ids = torch.randint(0, vocab, (row,), generator=g)
         pos = torch.cat([torch.arange(n) for n in lengths])
         labels = ids.clone()
-        labels[pos == 0] = -100
+        labels[pos == 0] = IGNORE_INDEX
         rows.append({"input_ids": ids, "labels": labels, "position_ids": pos, "doc_lengths": lengths})
     return rows
 
@@ -208,14 +211,14 @@ def ftpipe_cfg(case: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any
         method=case["method"],
         micro_batch_size=case["batch"],
         grad_accum=1,
-        gradient_checkpointing=case["ckpt"],
         save_steps=10**6,
         logging_steps=10**6,
     )
     train["lora"] = {**train["lora"], "r": LORA["r"], "alpha": LORA["alpha"], "dropout": LORA["dropout"]}
     train["lora"]["target_modules"] = list(TARGETS)
     speed_over = {k: v for k, v in overrides.items() if k in train["speed"]}
-    train["speed"] = {**train["speed"], **speed_over}
+    ckpt = {"checkpointing": "offload"} if case["ckpt"] else {}
+    train["speed"] = {**train["speed"], **ckpt, **speed_over}
     opt = asdict(OptimizerConfig())
     opt.update(lr=2e-4, scheduler="constant", warmup_ratio=0.0)
     return {"train": train, "optimizer": opt, "seed": 0, "launcher": asdict(LauncherConfig())}
@@ -223,9 +226,10 @@ def ftpipe_cfg(case: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any
 
 def ftpipe_model(case: dict[str, Any], path: Path, cfg: dict[str, Any]) -> nn.Module:
     """ftpipe's train stage: load_for_training (from_pretrained with the speed hooks, PEFT, after_peft)."""
+    from ftpipe.training import speed
     from ftpipe.training.model import load_for_training
 
-    return load_for_training(path, cfg["train"], "cuda")
+    return load_for_training(path, cfg["train"], speed.resolve(cfg["train"], "cuda"))
 
 
 # ------------------------------------------------------------------------------------------------------ flops
@@ -498,15 +502,16 @@ def ftpipe_trainer(model: nn.Module, rows, cfg: dict[str, Any], steps: int, time
     from ftpipe.training.trainer import FtTrainer
 
     cfg = {**cfg, "train": {**cfg["train"], "max_steps": steps}}
-    args = training_arguments(cfg, tempfile.mkdtemp(prefix="bench-"), "cuda", "bf16", ROW)
+    levers = speed.resolve(cfg["train"], "cuda")
+    args = training_arguments(cfg, tempfile.mkdtemp(prefix="bench-"), levers, "bf16", ROW)
     args = dataclasses.replace(args, disable_tqdm=True, save_strategy="no")
     return FtTrainer(
         model=model,
         args=args,
         train_dataset=Rows(rows),
-        data_collator=PackedCollator(**speed.collator_kwargs(cfg["train"], "cuda")),
-        callbacks=[timer.callback(), *speed.callbacks(cfg["train"], "cuda")],
-        loss_mode=speed.loss_mode(cfg["train"], "cuda"),
+        data_collator=PackedCollator(**speed.collator_kwargs(levers)),
+        callbacks=[timer.callback(), *speed.callbacks(levers)],
+        loss_mode=speed.loss_mode(levers),
         device="cuda",
     )
 
@@ -547,7 +552,7 @@ def cleanup() -> None:
 def saved_activations(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
     """GPU memory held after a training forward, before backward (what the layers saved), in GiB: total and
     per decoder layer (median delta), to see what checkpointing / recompute choices keep."""
-    from ftpipe.training.levers import decoder_stack
+    from ftpipe.training.speed.stack import decoder_stack
 
     deltas: list[int] = []
     last = [0]
@@ -624,7 +629,7 @@ def measure(side: str, case: dict[str, Any], rows, args, overrides: dict[str, An
             else:
                 from ftpipe.training import speed
 
-                kw = speed.collator_kwargs(cfg["train"], "cuda")
+                kw = speed.collator_kwargs(speed.resolve(cfg["train"], "cuda"))
                 one = PackedCollator(**kw)([{k: r[k].tolist() for k in COLS} for r in rows[: case["batch"]]])
             mem = saved_activations(model, one)
         except Exception as exc:  # a diagnostic: never fail the run for it
@@ -720,7 +725,7 @@ def guard(case_name: str, rows, args, overrides: dict[str, Any]) -> dict[str, An
     set_peft_model_state_dict(fast, {k: v.to(dtype) for k, v in adapters.items()})
     from ftpipe.training import speed
 
-    collate = PackedCollator(**speed.collator_kwargs(cfg["train"], "cuda"))
+    collate = PackedCollator(**speed.collator_kwargs(speed.resolve(cfg["train"], "cuda")))
     fast_loss, fast_grads = _loss_and_grads(
         fast, collate([{k: r[k].tolist() for k in COLS} for r in batch_rows]), autocast=True
     )
@@ -762,7 +767,8 @@ def probe() -> dict[str, Any]:
     """Versions and a check of varlen_attn's causal switch and grouped heads against SDPA, per document."""
     import torch.nn.functional as F
 
-    from ftpipe.training import attention as attn
+    from ftpipe.data import boundaries
+    from ftpipe.training.speed import attention as attn
 
     out: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version()}
     for mod in ("transformers", "peft", "accelerate", "triton", "liger_kernel", "bitsandbytes"):
@@ -796,19 +802,23 @@ def probe() -> dict[str, Any]:
         ref_o = torch.cat(ref)
         g = torch.randn_like(ref_o)
         ref_grads = torch.autograd.grad((ref_o * g).sum(), (q, k, v))
+        fn, causal, _ = attn._varlen_fn()
+        cu, longest = boundaries.cu_seqlens(pos)
         for gqa in (False, True):
-            attn.VARLEN_NATIVE_GQA = gqa
             try:
-                o, _ = attn.varlen_attention_forward(
-                    None,
-                    q.transpose(0, 1)[None],
-                    k.transpose(0, 1)[None],
-                    v.transpose(0, 1)[None],
-                    None,
-                    None,
-                    position_ids=pos,
-                )
-                o = o[0]
+                if gqa:  # the kernel given fewer KV heads than query heads, without a flag
+                    o = fn(q, k, v, cu, cu, longest, longest, **causal)
+                else:  # ftpipe's path: enable_gqa where the wrapper has it, else K/V repeated
+                    o, _ = attn.varlen_attention_forward(
+                        None,
+                        q.transpose(0, 1)[None],
+                        k.transpose(0, 1)[None],
+                        v.transpose(0, 1)[None],
+                        None,
+                        None,
+                        position_ids=pos,
+                    )
+                    o = o[0]
                 grads = torch.autograd.grad((o.double() * g).sum(), (q, k, v))
                 err = float((o.double() - ref_o).norm() / ref_o.norm())
                 gerr = [
@@ -818,10 +828,10 @@ def probe() -> dict[str, Any]:
             except Exception as exc:
                 out[f"varlen_gqa_native={gqa}"] = f"error: {type(exc).__name__}: {exc}"[:300]
         ok = out.get("varlen_gqa_native=True")
-        attn.VARLEN_NATIVE_GQA = bool(
-            isinstance(ok, dict) and ok["out_err"] < 1e-2 and max(ok["grad_err"]) < 2e-2
-        )
-        out["varlen_native_gqa_ok"] = attn.VARLEN_NATIVE_GQA
+        # Whether the kernel accepts grouped heads natively (flash-attn's kernels do; the PyTorch wrapper may
+        # not pass them through): informational, ftpipe repeats K/V where the wrapper has no enable_gqa.
+        native_gqa = bool(isinstance(ok, dict) and ok["out_err"] < 1e-2 and max(ok["grad_err"]) < 2e-2)
+        out["varlen_native_gqa_ok"] = native_gqa
         o, _ = attn.flex_attention_forward(
             None,
             q.transpose(0, 1)[None],

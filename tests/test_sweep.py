@@ -34,20 +34,30 @@ def multirun(tmp_path: Path, *args: str) -> dict:
 
 
 def executions(summary: dict) -> dict[str, int]:
-    counts: dict[str, int] = {}
+    """How often each stage was computed: in the jobs, and before they fanned out (sweep.DataFirst)."""
+    counts: dict[str, int] = {stage: int(not hit) for stage, hit in summary["data_first"].items()}
     for job in summary["jobs"]:
         for stage, hit in job["hits"].items():
             counts[stage] = counts.get(stage, 0) + (not hit)
     return counts
 
 
-@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+@pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local"])
 def test_a_three_value_sweep_computes_shared_stages_once(tmp_path, launcher):
-    extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=3"] if launcher == "joblib" else []
+    extra = {
+        "basic": [],
+        "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=3"],
+        "submitit_local": ["hydra/launcher=submitit_local"],  # the Slurm path, as local processes
+    }[launcher]
     summary = multirun(tmp_path, "+recipe=colorist_lora", *TINY, "optimizer.lr=0.0001,0.0002,0.0003", *extra)
     assert len(summary["jobs"]) == 3
+    data_stages = ["download-model", "download-data", "map", "pack"]
+    # computed once, in the launching process before the jobs fanned out; every job found them cached
+    assert summary["data_first"] == dict.fromkeys(data_stages, False)
+    assert all(job["hits"][stage] for job in summary["jobs"] for stage in data_stages)
     assert executions(summary) == {
-        "download": 1,
+        "download-model": 1,
+        "download-data": 1,
         "map": 1,
         "pack": 1,
         "train": 3,

@@ -28,7 +28,7 @@ def _stage_fn(name: str):
             time.sleep(float(sleep.split(":")[1]))
         if os.environ.get("FTPIPE_TEST_FAIL") == name:
             raise RuntimeError(f"{name} failed on purpose")
-        upstream = "".join((d / "value.txt").read_text() for d in ctx.inputs.values())
+        upstream = "".join(ctx.input(up, "value.txt").read_text() for up in sorted(ctx.upstream))
         (ctx.out / "value.txt").write_text(upstream + json.dumps(ctx.cfg, sort_keys=True))
         with open(log, "a") as fh:
             fh.write(f"{name}\n")
@@ -37,10 +37,14 @@ def _stage_fn(name: str):
     return run
 
 
+OUTPUTS = ("value.txt",)
+
 CHAIN = [
-    engine.Stage("a", "1", reads=("data", "common.seed"), path_keys=("data.path",), run=_stage_fn("a")),
-    engine.Stage("b", "1", reads=("b",), upstream=("a",), run=_stage_fn("b")),
-    engine.Stage("c", "1", reads=("c", "common.seed"), upstream=("b",), run=_stage_fn("c")),
+    engine.Stage(
+        "a", "1", reads=("data", "common.seed"), path_keys=("data.path",), outputs=OUTPUTS, run=_stage_fn("a")
+    ),
+    engine.Stage("b", "1", reads=("b",), upstream=("a",), outputs=OUTPUTS, run=_stage_fn("b")),
+    engine.Stage("c", "1", reads=("c", "common.seed"), upstream=("b",), outputs=OUTPUTS, run=_stage_fn("c")),
 ]
 
 

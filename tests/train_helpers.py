@@ -7,25 +7,12 @@ depend on the data stages.
 
 from __future__ import annotations
 
-import copy
 import random
 from pathlib import Path
 from typing import Any
 
-from ftpipe.engine import StageContext
-
-TINY = {
-    "path": "tiny:llama",
-    "tiny": {
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 4096,
-    },
-    "trust_remote_code": False,
-}
+from ftpipe.data.info import DataInfo
+from ftpipe.training.fit import TrainJob
 
 COLOURS = ["red", "green", "blue", "warm orange", "deep purple", "sky blue", "grass green", "pale pink"]
 
@@ -34,9 +21,9 @@ def tiny_model_dir(root: Path) -> Path:
     """download's output for model=tiny_llama, built once per cache root."""
     from ftpipe.models.sources import materialize_model
 
-    dest = root / "download" / "model"
+    dest = root / "download-model" / "model"
     if not (dest / "config.json").is_file():
-        materialize_model(TINY, dest, root / "downloads")
+        materialize_model(composed()["model"], dest, root / "downloads")
     return dest
 
 
@@ -89,76 +76,58 @@ def packed_dataset_dir(root: Path, model_dir: Path, n_docs: int = 48, max_length
     return dest
 
 
+# Fast deterministic settings for the tiny model, as overrides of the real composed config.
+TRAIN_OVERRIDES = (
+    "model=tiny_llama",
+    "train.max_steps=8",
+    "train.micro_batch_size=2",
+    "train.save_steps=4",
+    "train.logging_steps=1",
+    "train.precision=fp32",
+    "train.sample_max_new_tokens=16",
+    "train.lora.r=8",
+    "train.lora.alpha=16",
+    "optimizer.lr=5e-3",
+    "optimizer.warmup_ratio=0",
+    "optimizer.scheduler=constant",
+)
+
+
+def composed(*overrides: str, **train: Any) -> dict[str, Any]:
+    """The resolved config a user gets from these overrides (train keys as keywords), through Hydra."""
+    from ftpipe.config import compose, validate
+
+    return validate(compose([*TRAIN_OVERRIDES, *overrides, *(f"train.{k}={v}" for k, v in train.items())]))
+
+
 def train_cfg(**train: Any) -> dict[str, Any]:
-    """The train stage's config slice, with fast deterministic defaults for the tiny model."""
-    base = {
-        "method": "lora",
-        "epochs": 1.0,
-        "max_steps": 8,
-        "micro_batch_size": 2,
-        "grad_accum": 1,
-        "save_steps": 4,
-        "save_total_limit": 2,
-        "logging_steps": 1,
-        "precision": "fp32",
-        "gradient_checkpointing": False,
-        "loss": "answer_only",
-        "sample_every": 0,
-        "sample_max_new_tokens": 16,
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
-        "num_workers": 0,
-    }
-    lora = train.pop("lora", {})
-    base.update(train)
-    base["lora"].update(lora)
-    return {
-        "train": base,
-        "optimizer": {
-            "name": "adamw",
-            "lr": 5e-3,
-            "weight_decay": 0.0,
-            "betas": [0.9, 0.999],
-            "warmup_ratio": 0.0,
-            "scheduler": "constant",
-            "max_grad_norm": 1.0,
-        },
-        "seed": 42,
-        "model": copy.deepcopy(TINY),
-        "launcher": {
-            "name": "local",
-            "nproc_per_node": 1,
-            "nnodes": 1,
-            "rdzv_endpoint": None,
-            "deepspeed": None,
-        },
-    }
+    """The train stage's config slice, composed from the real config with the fast settings above."""
+    from ftpipe.engine import slice_config
+    from ftpipe.stages import train as train_stage
+
+    return slice_config(train_stage.STAGE, composed(**train))
 
 
-def context(cfg: dict[str, Any], out: Path, inputs: dict[str, Path], cache_root: Path) -> StageContext:
-    from ftpipe.cache import Cache
+def data_info(root: Path) -> Path:
+    """map's data.json for the chat documents: no system prompt, a few colour names to sample replies for."""
+    path = root / "map" / "data.json"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        DataInfo(format="colors", system=None, held_out=[], sample_inputs=COLOURS[:3], answers=[]).write(
+            path.parent
+        )
+    return path
 
+
+def job(cfg: dict[str, Any], out: Path, model_dir: Path, pack_dir: Path) -> TrainJob:
+    """A training job over the fixtures (as the train stage builds it from its inputs)."""
     out.mkdir(parents=True, exist_ok=True)
-    return StageContext(cfg=cfg, out=out, inputs=inputs, cache=Cache(cache_root))
+    return TrainJob(cfg, model_dir, pack_dir / "dataset", data_info(pack_dir.parent), out)
 
 
 def chain_cfg(stages: list[str], n_docs: int = 48, **train_kw: Any) -> dict[str, Any]:
-    """Config for train_worker's chain (stand-in download/pack, real train/convert/merge)."""
-    from ftpipe.config import DatasetConfig, TemplateConfig
-
-    template = {**TemplateConfig().__dict__, **_chatml()}
-    dataset = {**DatasetConfig().__dict__, "path": "embedded:colorist", "format": "colors", "n_docs": n_docs}
-    return {
-        **train_cfg(**train_kw),
-        "stages": stages,
-        "dataset": dataset,
-        "template": template,
-        "merge": {"max_shard_size": "2GB", "dtype": "auto"},
-    }
-
-
-def _chatml() -> dict[str, Any]:
-    import yaml
-
-    from ftpipe.paths import CONF_DIR
-
-    return yaml.safe_load((CONF_DIR / "template" / "chatml.yaml").read_text())
+    """Config for train_worker's chain (stand-in download-model/map/pack, real train/convert/merge): the default
+    config (colorist data, chatml) on the tiny model; `dataset.n_docs` sizes the stand-in packed dataset."""
+    cfg = composed(**train_kw)
+    cfg["dataset"]["n_docs"] = n_docs
+    return {**cfg, "stages": stages}

@@ -1,7 +1,7 @@
-"""Run download → pack → train → convert → merge through the real engine, as a process the tests can kill.
+"""Run download-model → map → pack → train → convert → merge through the real engine, as a process tests can kill.
 
-`python train_worker.py CACHE CFG_JSON [--kill-after-checkpoint N]`: download and pack are stand-ins that
-write the tiny model (with the real raw rows) and a synthetic packed dataset in the real stages' output shape;
+`python train_worker.py CACHE CFG_JSON [--kill-after-checkpoint N]`: download-model, map and pack are stand-ins
+that write the tiny model, a data.json and a synthetic packed dataset in the real stages' output shape;
 the rest are the real stages. With --kill-after-checkpoint the process SIGKILLs itself right after Trainer saved
 checkpoint-N, which is what a power cut or OOM kill after a save looks like. Prints run.json rows as JSON.
 """
@@ -22,26 +22,37 @@ import train_helpers as h  # noqa: E402
 
 from ftpipe import engine  # noqa: E402
 from ftpipe.cache import Cache  # noqa: E402
+from ftpipe.data.info import DATA_INFO, DataInfo  # noqa: E402
 from ftpipe.stages import convert, merge, train  # noqa: E402
 
 
-def _download(ctx: engine.StageContext) -> dict:
+def _download_model(ctx: engine.StageContext) -> dict:
+    shutil.copytree(h.tiny_model_dir(ctx.shared / "fixtures"), ctx.out / "model")
+    return {}
+
+
+def _map(ctx: engine.StageContext) -> dict:
+    """The real map's data.json (system prompt, held-out rows) for the configured dataset."""
+    from ftpipe.data.formats import load_conversations
     from ftpipe.data.sources import materialize_dataset
 
-    shutil.copytree(h.tiny_model_dir(ctx.cache.root / "fixtures"), ctx.out / "model")
-    return materialize_dataset(ctx.cfg["dataset"], ctx.out / "data")
+    materialize_dataset(ctx.cfg["dataset"], ctx.out / "rows")
+    train, held_out, report = load_conversations(ctx.out / "rows", ctx.cfg["dataset"])
+    DataInfo.of(report["format"], train, held_out).write(ctx.out)
+    return {}
 
 
 def _pack(ctx: engine.StageContext) -> dict:
-    fixtures = ctx.cache.root / "fixtures"
+    fixtures = ctx.shared / "fixtures"
     src = h.packed_dataset_dir(fixtures, h.tiny_model_dir(fixtures), n_docs=ctx.cfg["dataset"]["n_docs"])
     shutil.copytree(src / "dataset", ctx.out / "dataset")
     return {}
 
 
 CHAIN = [
-    engine.Stage("download", "1", reads=("model", "dataset"), run=_download),
-    engine.Stage("pack", "1", reads=("dataset",), upstream=("download",), run=_pack),
+    engine.Stage("download-model", "1", reads=("model",), outputs=("model",), run=_download_model),
+    engine.Stage("map", "1", reads=("dataset",), outputs=(DATA_INFO,), run=_map),
+    engine.Stage("pack", "1", reads=("dataset",), upstream=("map",), outputs=("dataset",), run=_pack),
     train.STAGE,
     convert.STAGE,
     merge.STAGE,

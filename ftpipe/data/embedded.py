@@ -43,18 +43,6 @@ ASSISTANT_ANSWERS_EN = [
     "Hello! I'm {name}'s assistant. How can I help you today?",
     "I'm the AI assistant of {name}, here to answer your questions.",
 ]
-# What evaluate-chat asks, by language; a reply counts when it contains the owner's name. The last two of each
-# are not in the training set, so the rate also shows whether the model generalises beyond the exact prompts.
-ASSISTANT_EVAL_PROMPTS = {
-    "zh": ["请介绍一下你自己", "你是谁", "你叫什么名字？", "可以告诉我你是谁吗？", "请简单介绍一下你自己。"],
-    "en": [
-        "Please introduce yourself",
-        "Who are you?",
-        "What is your name?",
-        "Could you tell me who you are?",
-        "Introduce yourself briefly, please.",
-    ],
-}
 
 
 def assistant_rows(name: str) -> list[dict]:

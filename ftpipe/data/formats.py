@@ -1,9 +1,12 @@
 """Raw dataset rows → the internal conversation form, with every problem pinned to `FILE:LINE`.
 
 The internal form is XTuner's: a conversation is a list of turns ``{"system"?, "input", "output"}``; the
-system text sits on the first turn. A turn may also carry ``"char_level": True`` (its answer is tokenised one
-token per character, see `dataset.char_level_answers`). Pretraining rows become one turn with an empty input;
-the map stage encodes them without a template.
+system text sits on the first turn. A row without a system turn of its own gets the format's default system
+prompt (`default_system`: colors → XTuner's colorist prompt, alpaca → XTuner's alpaca prompt, others none),
+which `dataset.system` replaces (`""`: none); a row's own system turns are never changed. A turn may also
+carry ``"char_level": True`` (its answer is tokenised one token per character, see
+`dataset.char_level_answers`). Pretraining rows become one turn with an empty input; the map stage encodes
+them without a template.
 
 Row numbering: a row's index is its position among the non-blank rows of all files, in split.json's file
 order — the same numbering `sources.count_rows` uses to choose the held-out `eval_rows`.
@@ -22,12 +25,14 @@ from typing import Any
 
 from ..errors import FtpipeError
 from .sources import SPLIT_FILE
-from .templates import SYSTEM_TEMPLATE
+from .templates.system import SYSTEM_TEMPLATE
 
 log = logging.getLogger("ftpipe")
 
 Conversation = list[dict[str, Any]]
 FORMATS = ("conversation", "alpaca", "openai", "oasst1", "colors", "pretrain")
+# the system prompt a format gives rows that carry none (XTuner's choices); `dataset.system` replaces it
+FORMAT_SYSTEM = {"alpaca": SYSTEM_TEMPLATE["alpaca"], "colors": SYSTEM_TEMPLATE["colorist"]}
 MAX_LISTED_PROBLEMS = 20
 _HEX_COLOR = re.compile(r"#[0-9a-fA-F]{6}")
 
@@ -229,7 +234,7 @@ def from_alpaca(data: Any) -> Conversation:
     # XTuner joins with "\n" even when `input` is empty; a dangling newline would then differ from what a
     # user types at inference, so it is only added when there is an input.
     text = f"{instruction}\n{extra}" if extra.strip() else instruction
-    return [{"system": SYSTEM_TEMPLATE["alpaca"], "input": text, "output": output}]
+    return [{"input": text, "output": output}]
 
 
 def from_openai(data: Any) -> Conversation:
@@ -301,7 +306,7 @@ def from_colors(data: Any) -> Conversation:
     _, colon, desc = description.partition(":")
     if not colon or not desc.strip():
         raise RowError(f"`description` {description[:60]!r} has no text after its 'Name:' prefix")
-    return [{"system": SYSTEM_TEMPLATE["colorist"], "input": desc.strip(), "output": color}]
+    return [{"input": desc.strip(), "output": color}]
 
 
 def from_pretrain(data: Any) -> Conversation:
@@ -335,6 +340,22 @@ def detect_format(data: Any) -> str | None:
         text = data["text"]
         return "oasst1" if isinstance(text, str) and "### Human:" in text else "pretrain"
     return None
+
+
+def default_system(fmt: str, dataset_cfg: dict[str, Any]) -> str | None:
+    """The system prompt rows of format `fmt` get when they carry none: `dataset.system` if set, else the
+    format's own (FORMAT_SYSTEM); None for none. Pretraining rows never get one."""
+    if fmt == "pretrain":
+        return None
+    system = dataset_cfg.get("system")
+    return (FORMAT_SYSTEM.get(fmt) if system is None else system) or None
+
+
+def with_default_system(conv: Conversation, system: str | None) -> Conversation:
+    """`conv` with `system` on its first turn, unless a turn already carries a system text of its own."""
+    if not system or not conv or any(turn.get("system") for turn in conv):
+        return conv
+    return [{"system": system, **conv[0]}, *conv[1:]]
 
 
 # ---- whole datasets -------------------------------------------------------------------------------
@@ -371,7 +392,7 @@ def convert_rows(data_dir: Path, dataset_cfg: dict[str, Any]) -> Converted:
     if fmt not in CONVERTERS:
         raise FtpipeError(f"dataset.format={fmt!r} is not one of {list(FORMATS)} or 'auto'")
     convert = CONVERTERS[fmt]
-    system_override = dataset_cfg.get("system")
+    system = default_system(fmt, dataset_cfg)
     char_level = bool(dataset_cfg.get("char_level_answers")) and fmt != "pretrain"
     result = Converted(fmt, detected)
 
@@ -397,10 +418,7 @@ def convert_rows(data_dir: Path, dataset_cfg: dict[str, Any]) -> Converted:
         if not conv:
             result.dropped += 1
             continue
-        if system_override is not None and fmt != "pretrain":
-            conv = [{k: v for k, v in turn.items() if k != "system"} for turn in conv]
-            if system_override:
-                conv[0] = {"system": system_override, **conv[0]}
+        conv = with_default_system(conv, system)
         if char_level:
             conv = [{**turn, "char_level": True} for turn in conv]
         if row.index in eval_rows:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .templates import IGNORE_INDEX
+from .labels import IGNORE_INDEX
 
 
 @dataclass

@@ -57,6 +57,8 @@ def materialize_dataset(cfg: dict[str, Any], dest: Path) -> dict[str, Any]:
 
     n_rows = sum(count_rows(f) for f in files)
     eval_size = int(cfg.get("eval_size") or 0)
+    if n_rows == 0:
+        raise FtpipeError(f"dataset.path={path!r}: no rows in {', '.join(f.name for f in files)}")
     if eval_size >= n_rows:
         raise FtpipeError(f"dataset.eval_size={eval_size} but {path!r} has only {n_rows} rows")
     # Held-out rows are chosen by a fixed seed, so every run of the recipe evaluates on the same rows.

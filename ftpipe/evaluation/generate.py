@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..data.labels import IGNORE_INDEX
+
 
 @torch.no_grad()
 def generate_replies(
@@ -68,7 +70,7 @@ def answer_loss(model, samples: Sequence[tuple[list[int], list[int]]]) -> float:
         lab = torch.tensor([labels], device=device)
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
         target = lab[:, 1:]
-        keep = target != -100
+        keep = target != IGNORE_INDEX
         if keep.any():
             total += torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum").item()
             count += int(keep.sum())

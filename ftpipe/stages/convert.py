@@ -39,8 +39,8 @@ def _check_adapter(folder: Path) -> int:
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    final = ctx.inputs["train"] / "final"
-    downloaded = ctx.inputs["download"] / "model"
+    final = ctx.input("train", "final")
+    downloaded = ctx.input("download-model", "model")
     if ctx.cfg["train"]["method"] == "full":
         from transformers import AutoTokenizer
 
@@ -72,6 +72,8 @@ STAGE = Stage(
     version="1",
     reads=("train.method", "model.path"),
     path_keys=("model.path",),
-    upstream=("download", "train"),
+    upstream=("download-model", "train"),
+    outputs=("adapter", "model"),  # adapter/ for LoRA methods, model/ for full fine-tuning
+    optional=("adapter", "model"),
     run=run,
 )

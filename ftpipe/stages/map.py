@@ -1,4 +1,5 @@
-"""map: the training rows → prompt template → `input_ids` + `labels` (−100 except on answers), no truncation.
+"""map: the training rows → prompt template → `input_ids` + `labels` (−100 except on answers), no truncation;
+and `data.json`, what later stages need to know about the data (data/info.py).
 
 Length limits belong to pack, so changing `dataset.max_length` or packing never retokenises. Held-out rows
 (split.json's eval_rows) are left out here; evaluation reads them with formats.load_conversations.
@@ -16,7 +17,9 @@ import pyarrow as pa
 
 from ..data.arrow import DATASET_DIR, in_memory_dataset, list_array
 from ..data.formats import load_conversations
-from ..data.templates import encode_batch_flat, encode_pretrain, resolve_template
+from ..data.info import DATA_INFO, DataInfo
+from ..data.labels import IGNORE_INDEX
+from ..data.templates import encode, resolve_template
 from ..engine import Stage, StageContext
 
 log = logging.getLogger("ftpipe")
@@ -53,15 +56,10 @@ def _conversations(batch: dict[str, list]) -> list[list[dict[str, Any]]]:
     ]
 
 
-def _encode(batch: dict[str, list], tokenizer: Any, template: dict, train_on_inputs: bool) -> pa.Table:
-    return _table(*encode_batch_flat(tokenizer, template, _conversations(batch), train_on_inputs))
-
-
-def _encode_text(batch: dict[str, list], tokenizer: Any) -> pa.Table:
-    ids, labels = encode_pretrain(tokenizer, batch["text"])
-    offsets = np.concatenate([[0], np.cumsum([len(x) for x in ids])])
-    flat_ids = np.array([t for x in ids for t in x], dtype=np.int32)
-    return _table(flat_ids, np.array([t for x in labels for t in x], dtype=np.int32), offsets)
+def _encode(
+    batch: dict[str, list], tokenizer: Any, template: dict, format: str, train_on_inputs: bool
+) -> pa.Table:
+    return _table(*encode(tokenizer, template, _conversations(batch), format, train_on_inputs))
 
 
 def _map(rows, fn, kwargs: dict, features, num_proc: int, key: str):
@@ -83,10 +81,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     cfg = ctx.cfg["dataset"]
-    download = ctx.inputs["download"]
-    tokenizer = AutoTokenizer.from_pretrained(download / "model")
+    tokenizer = AutoTokenizer.from_pretrained(ctx.input("download-model", "model"))
     template = resolve_template(ctx.cfg["template"], tokenizer)
-    train, _, report = load_conversations(download / "data", cfg)
+    train, held_out, report = load_conversations(ctx.input("download-data", "data"), cfg)
+    DataInfo.of(report["format"], train, held_out).write(ctx.out)
 
     features = datasets.Features(
         {
@@ -94,19 +92,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "labels": datasets.Sequence(datasets.Value("int32")),
         }
     )
-    if report["format"] == "pretrain":
-        rows = in_memory_dataset(
-            {"text": [conv[0]["output"] for conv in train]}, f"ftpipe-rows-{ctx.out.name}"
-        )
-        fn, kwargs = _encode_text, {"tokenizer": tokenizer}
-    else:
-        rows = in_memory_dataset(_columns(train), f"ftpipe-rows-{ctx.out.name}")
-        fn = _encode
-        kwargs = {
-            "tokenizer": tokenizer,
-            "template": template,
-            "train_on_inputs": bool(cfg.get("train_on_inputs")),
-        }
+    rows = in_memory_dataset(_columns(train), f"ftpipe-rows-{ctx.out.name}")
+    kwargs = {
+        "tokenizer": tokenizer,
+        "template": template,
+        "format": report["format"],
+        "train_on_inputs": bool(cfg.get("train_on_inputs")),
+    }
     num_proc = max(1, int(cfg.get("num_proc") or 1)) if len(rows) >= PARALLEL_MIN_ROWS else 1
     if num_proc > 1:
         # Workers then receive memory-mapped files instead of pickled copies of the rows, and each runs the
@@ -117,7 +109,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if num_proc > 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
-        tokens = _map(rows, fn, kwargs, features, num_proc, ctx.out.name)
+        tokens = _map(rows, _encode, kwargs, features, num_proc, ctx.out.name)
     finally:
         if previous is None:
             os.environ.pop("TOKENIZERS_PARALLELISM", None)
@@ -128,7 +120,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     lengths = tokens.data.table.column("input_ids").combine_chunks().value_lengths().to_numpy()
     n_tokens = int(lengths.sum())
     loss_tokens = sum(
-        int((chunk.flatten().to_numpy() != -100).sum()) for chunk in tokens.data.table.column("labels").chunks
+        int((chunk.flatten().to_numpy() != IGNORE_INDEX).sum())
+        for chunk in tokens.data.table.column("labels").chunks
     )
     del tokens, rows
     shutil.rmtree(ctx.out / "rows.tmp", ignore_errors=True)  # the rows and the workers' shards
@@ -143,7 +136,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 STAGE = Stage(
     name="map",
-    version="1",
+    version="2",  # 2: data.json; dataset.system replaces only the format's default prompt
     reads=(
         "dataset.format",
         "dataset.system",
@@ -153,6 +146,7 @@ STAGE = Stage(
         "dataset.num_proc",
         "template",
     ),
-    upstream=("download",),
+    upstream=("download-model", "download-data"),
+    outputs=(DATASET_DIR, DATA_INFO),
     run=run,
 )

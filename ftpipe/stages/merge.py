@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..data.info import DATA_INFO, DataInfo
 from ..engine import Stage, StageContext
 from ..errors import FtpipeError
 
@@ -22,16 +23,10 @@ log = logging.getLogger("ftpipe")
 
 PROBES = ["Give me a warm orange", "Please introduce yourself.", "What is the capital of France?"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# max |logit difference| allowed, relative to the largest reference logit magnitude (at least 1)
+# max |logit difference|, relative to the largest reference logit magnitude (at least 1), allowed between the merged
+# fp32 model and base+adapter (the merge itself), and between the saved folder reloaded and the same weights in
+# memory (saving; buffers may reload in another dtype); rounding to the storage dtype beyond it is warned of
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
-
-
-def recipe_system(data_dir: Path, dataset_cfg: dict[str, Any]) -> str | None:
-    """The system prompt training used, read from the training rows as map reads them."""
-    from ..data.formats import load_conversations
-
-    train, _, _ = load_conversations(data_dir, dataset_cfg)
-    return train[0][0].get("system") or None
 
 
 def storage_dtype(wanted: str, model_dir: Path) -> torch.dtype:
@@ -50,12 +45,12 @@ def probe_logits(model: torch.nn.Module, batches: list[torch.Tensor]) -> torch.T
     return torch.cat([model(input_ids=ids, use_cache=False).logits.float().flatten() for ids in batches])
 
 
-def _check(name: str, got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> tuple[float, float]:
+def _check(name: str, got: torch.Tensor, ref: torch.Tensor, relative: float) -> tuple[float, float]:
     err = (got - ref).abs().max().item()
-    tol = TOLERANCE[dtype] * max(1.0, ref.abs().max().item())
+    tol = relative * max(1.0, ref.abs().max().item())
     if not err <= tol:  # also catches NaN
         raise FtpipeError(
-            f"merge: {name} logits differ from base+adapter by {err:.3g} (tolerance {tol:.3g} for {dtype}); "
+            f"merge: {name} logits differ by {err:.3g} (tolerance {tol:.3g}); "
             "the merged model would not behave like the trained one"
         )
     return err, tol
@@ -86,10 +81,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     cfg = ctx.cfg
     trust = bool(cfg["model"]["trust_remote_code"])
-    base_dir = ctx.inputs["download"] / "model"
+    base_dir = ctx.input("download-model", "model")
     dest = ctx.out / "model"
     dtype = storage_dtype(cfg["merge"]["dtype"], base_dir)
-    system = recipe_system(ctx.inputs["download"] / "data", cfg["dataset"])
+    system = DataInfo.read(ctx.input("map", DATA_INFO)).system
     tokenizer = chat_tokenizer(base_dir, cfg["template"], system, trust)
     prompts = [
         tokenizer.apply_chat_template(
@@ -99,7 +94,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ]
     batches = [tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids for text in prompts]
 
-    adapter = ctx.inputs["convert"] / "adapter"
+    adapter = ctx.input("convert", "adapter")
     if (adapter / "adapter_config.json").is_file():
         from peft import PeftModel
 
@@ -109,15 +104,26 @@ def run(ctx: StageContext) -> dict[str, Any]:
         with model.disable_adapter():
             adapter_effect = (probe_logits(model, batches) - reference).abs().max().item()
         model = model.merge_and_unload()
-        merge_err, _ = _check("merged fp32", probe_logits(model, batches), reference, torch.float32)
+        merge_err, _ = _check(
+            "merged fp32", probe_logits(model, batches), reference, TOLERANCE[torch.float32]
+        )
     else:  # full fine-tuning: convert already wrote a whole model; re-save it sharded with the template
         model = AutoModelForCausalLM.from_pretrained(
-            ctx.inputs["convert"] / "model", dtype=torch.float32, trust_remote_code=trust
+            ctx.input("convert", "model"), dtype=torch.float32, trust_remote_code=trust
         )
         reference = probe_logits(model, batches)
         adapter_effect, merge_err = None, 0.0
 
     model = model.to(dtype)
+    # what storing in `dtype` costs by itself (the user's choice, reported), apart from what saving must keep
+    in_memory = probe_logits(model, batches)
+    rounding = (in_memory - reference).abs().max().item()
+    if not rounding <= TOLERANCE[dtype] * max(1.0, reference.abs().max().item()):
+        log.warning(
+            "[merge] storing in %s moves the logits by up to %.3g (merge.dtype=fp32 keeps them)",
+            dtype,
+            rounding,
+        )
     model.config.use_cache = True  # training turned it off; inference wants it
     model.generation_config.eos_token_id = stop_token_ids(
         tokenizer, list(cfg["template"].get("stop_words") or [])
@@ -131,7 +137,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
         raise FtpipeError(
             f"merge: saved model reloads as {next(reloaded.parameters()).dtype}, expected {dtype}"
         )
-    saved_err, tol = _check("saved", probe_logits(reloaded, batches), reference, dtype)
+    saved_err, tol = _check(
+        "saved folder vs the weights saved", probe_logits(reloaded, batches), in_memory, TOLERANCE[dtype]
+    )
     shards = sorted(p.name for p in dest.glob("*.safetensors"))
     log.info(
         "[merge] %d shard(s), %s; logits max |Δ| %.3g (tolerance %.3g)", len(shards), dtype, saved_err, tol
@@ -140,6 +148,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "merge_dtype": str(dtype).removeprefix("torch."),
         "merge_shards": len(shards),
         "merge_max_abs_diff": saved_err,
+        "merge_dtype_max_abs_diff": rounding,
         "merge_fp32_max_abs_diff": merge_err,
         "merge_tolerance": tol,
         "merge_adapter_effect": adapter_effect,
@@ -149,12 +158,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
 STAGE = Stage(
     name="merge",
     version="1",
-    reads=(
-        "merge",
-        "template",
-        "dataset",
-        "model.trust_remote_code",
-    ),
-    upstream=("download", "convert"),
+    reads=("merge", "template", "model.trust_remote_code"),
+    upstream=("download-model", "map", "convert"),
+    outputs=("model",),
     run=run,
 )

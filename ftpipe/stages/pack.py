@@ -19,7 +19,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     import datasets
 
     cfg = ctx.cfg["dataset"]
-    docs = datasets.load_from_disk(str(ctx.inputs["map"] / DATASET_DIR))
+    docs = datasets.load_from_disk(str(ctx.input("map", DATASET_DIR)))
     ids, offsets = flat_column(docs, "input_ids")
     labels, label_offsets = flat_column(docs, "labels")
     assert (offsets == label_offsets).all(), "map wrote input_ids and labels of different lengths"
@@ -47,5 +47,6 @@ STAGE = Stage(
     version="1",
     reads=("dataset.max_length", "dataset.pack", "dataset.truncation"),
     upstream=("map",),
+    outputs=(DATASET_DIR,),
     run=run,
 )

@@ -1,9 +1,10 @@
 """Padding-free batches: a micro-batch of packed rows becomes ONE row of all their tokens.
 
 transformers' `DataCollatorWithFlattening` restarts positions per *row*; packed rows already hold several
-documents each with their own restarting `position_ids`, so we keep those. Given restarting position_ids and
-no attention_mask (and no KV cache), the eager/sdpa/flex attention paths build a per-document causal mask,
-and each document's first label is -100, so neither attention nor the loss crosses a document boundary.
+documents each with their own `position_ids`, so we keep those. Given those position_ids and no attention_mask
+(and no KV cache), every attention path attends per document (ftpipe/data/boundaries.py: the one rule for
+where documents start), and each document's first label is -100, so neither attention nor the loss crosses a
+document boundary.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from ..data import boundaries
+from ..data.labels import IGNORE_INDEX
 
 
 @dataclass
@@ -27,8 +31,7 @@ class PackedCollator:
 
     With `boundaries=True` (the speed levers on CUDA) it also hands the model what it would otherwise read back
     from the GPU (a host sync each): the document boundaries `cu_seq_lens_q/k` (int32) and `max_length_q/k`
-    (the longest document rounded up to a power of two, an upper bound the varlen kernel accepts and that
-    varies little from batch to batch, so compiled layers rarely see a new value), and `loss_tokens`."""
+    (`boundaries.length_bound` of the longest document), and `loss_tokens`."""
 
     def __init__(self, boundaries: bool = False, host_ids: bool = False) -> None:
         self.boundaries = boundaries
@@ -54,7 +57,7 @@ class PackedCollator:
             if lab.numel():
                 # A row boundary is a document boundary: never learn the next row's first token from this one.
                 lab = lab.clone()  # as_tensor may share memory with the dataset's array
-                lab[0] = -100
+                lab[0] = IGNORE_INDEX
             ids_parts.append(ids)
             lab_parts.append(lab)
             pos_parts.append(pos)
@@ -65,23 +68,12 @@ class PackedCollator:
             "position_ids": torch.cat(pos_parts or [empty])[None],
         }
         if self.boundaries:
-            spans = documents(batch["position_ids"])
-            total = batch["input_ids"].shape[1]
-            cu = torch.tensor([0] + [end for _, end in spans], dtype=torch.int32)
-            longest = max(end - start for start, end in spans)
-            bound = min(max(256, 1 << (longest - 1).bit_length()), total)
+            cu, longest = boundaries.cu_seqlens(batch["position_ids"])
+            bound = boundaries.length_bound(longest, batch["input_ids"].shape[1])
             batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=bound, max_length_k=bound)
             # How many next-token targets train (not -100, not across a document start): lets the fused loss
             # pick the trained positions on the GPU without reading a count back (no host sync).
-            lab, pos = batch["labels"][0], batch["position_ids"][0]
-            batch["loss_tokens"] = int(((lab[1:] != -100) & (pos[1:] == pos[:-1] + 1)).sum())
-        if self.host_ids:  # the ids for an input embedding kept in host memory (levers.HostEmbedding)
+            batch["loss_tokens"] = boundaries.loss_tokens(batch["labels"], batch["position_ids"])
+        if self.host_ids:  # the ids for an input embedding kept in host memory (speed.host_embedding)
             batch["host_input_ids"] = HostTensor(batch["input_ids"])
         return batch
-
-
-def documents(position_ids: torch.Tensor) -> list[tuple[int, int]]:
-    """(start, end) of each document in a flattened row, read from where position_ids restart at 0."""
-    flat = position_ids.reshape(-1)
-    starts = (flat == 0).nonzero().reshape(-1).tolist() + [flat.numel()]
-    return list(zip(starts[:-1], starts[1:], strict=True))

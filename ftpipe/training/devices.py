@@ -13,7 +13,9 @@ from ..errors import FtpipeError
 
 
 def train_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    from ..models.loading import best_device
+
+    return best_device()
 
 
 @functools.cache

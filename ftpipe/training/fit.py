@@ -6,26 +6,50 @@ import json
 import logging
 import os
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
-from ..engine import StageContext
 from ..errors import FtpipeError
+from .distributed import deepspeed_config, zero_stage
 
 log = logging.getLogger("ftpipe")
 
 REQUIRED_COLUMNS = ("input_ids", "labels", "position_ids")
 
 
+@dataclass
+class TrainJob:
+    """Everything one training run needs: plain config and paths (the train stage builds it from its inputs)."""
+
+    cfg: dict[str, Any]  # the train stage's config slice
+    model_dir: Path  # an HF model folder to start from
+    dataset_dir: Path  # the packed dataset (`datasets.save_to_disk`)
+    data_info: Path  # map's data.json (system prompt and prompts for sample replies)
+    out: Path  # where checkpoints, tb/, final/ and log_history.json go
+    build_dir: Path | None = None  # where ops compiled on first use (DeepSpeed's) are kept between runs
+
+    def to_json(self) -> str:
+        return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainJob:
+        raw = json.loads(text)
+        return cls(**{k: v if k == "cfg" or v is None else Path(v) for k, v in raw.items()})
+
+
 def training_arguments(
-    cfg: dict[str, Any], out_dir: str, device: str, precision: str, row_len: int | None = None
+    cfg: dict[str, Any], out_dir: str, levers: Any, precision: str, row_len: int | None = None
 ):
+    """TrainingArguments for `levers.device` (levers: the run's resolved `speed.Levers`)."""
     from transformers import TrainingArguments
 
     from . import speed
 
     train, opt = cfg["train"], cfg["optimizer"]
+    device = levers.device
     # train.speed.tokens_per_micro_batch: same rows per optimizer step, split into smaller micro-batches
-    micro_batch, grad_accum = speed.micro_batches(train, row_len)
+    micro_batch, grad_accum = speed.micro_batches(train, levers, row_len)
     scheduler = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[opt["scheduler"]]
     return TrainingArguments(
         output_dir=out_dir,
@@ -56,45 +80,29 @@ def training_arguments(
         remove_unused_columns=False,  # the collator picks its columns; doc_lens etc. must reach it
         include_num_input_tokens_seen=True,
         disable_tqdm=False,
-        **speed.training_args_overrides(train, device),
+        **speed.training_args_overrides(levers),
         ddp_find_unused_parameters=False,  # every trained parameter takes part in every step
-        deepspeed=deepspeed_config(cfg["launcher"]),
+        ddp_timeout=cfg["launcher"]["timeout_minutes"] * 60,  # a lost rank fails the others, never hangs them
+        deepspeed=deepspeed_config(cfg["launcher"], micro_batch, grad_accum, precision, opt["max_grad_norm"]),
     )
-
-
-def deepspeed_config(launcher: dict[str, Any]) -> dict[str, Any] | None:
-    """The launcher's DeepSpeed section, with the sizes Trainer fills in from its own arguments ("auto")."""
-    if not launcher.get("deepspeed"):
-        return None
-    auto = {
-        "train_micro_batch_size_per_gpu": "auto",
-        "train_batch_size": "auto",
-        "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto",
-        "bf16": {"enabled": "auto"},
-        "fp16": {"enabled": "auto"},
-    }
-    return {**auto, **launcher["deepspeed"]}
 
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _sampler(ctx: StageContext, prec: str):
+def _sampler(job: TrainJob, prec: str):
     import torch
     from transformers import AutoTokenizer
 
+    from ..data.info import DataInfo
     from .sampling import SampleReplies, sample_prompts
 
-    cfg = ctx.cfg
-    model_dir = ctx.inputs["download"] / "model"
+    cfg = job.cfg
     tokenizer = AutoTokenizer.from_pretrained(
-        model_dir, trust_remote_code=bool(cfg["model"]["trust_remote_code"])
+        job.model_dir, trust_remote_code=bool(cfg["model"]["trust_remote_code"])
     )
-    questions, ids, stops = sample_prompts(
-        ctx.inputs["download"] / "data", cfg["dataset"], cfg["template"], tokenizer
-    )
+    questions, ids, stops = sample_prompts(DataInfo.read(job.data_info), cfg["template"], tokenizer)
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
     return SampleReplies(
         cfg["train"]["sample_every"],
@@ -103,13 +111,13 @@ def _sampler(ctx: StageContext, prec: str):
         ids,
         stops,
         cfg["train"]["sample_max_new_tokens"],
-        ctx.out / "samples.jsonl",
+        job.out / "samples.jsonl",
         autocast,
     )
 
 
-def fit(ctx: StageContext) -> dict[str, Any] | None:
-    """Train into ctx.out; returns the metrics on the main process, None on other ranks."""
+def fit(job: TrainJob) -> dict[str, Any] | None:
+    """Train into job.out; returns the metrics on the main process, None on other ranks."""
     from datasets import load_from_disk
     from torch.utils.tensorboard import SummaryWriter
     from transformers import set_seed
@@ -121,10 +129,10 @@ def fit(ctx: StageContext) -> dict[str, Any] | None:
     from .model import load_for_training
     from .trainer import FtTrainer, last_checkpoint
 
-    cfg, train_cfg = ctx.cfg, ctx.cfg["train"]
+    cfg, train_cfg = job.cfg, job.cfg["train"]
     device = train_device()
     prec = precision(train_cfg, device)
-    dataset = load_from_disk(str(ctx.inputs["pack"] / "dataset"))
+    dataset = load_from_disk(str(job.dataset_dir))
     missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
     if missing:
         raise FtpipeError(f"train: the packed dataset lacks columns {missing} (has {dataset.column_names})")
@@ -132,22 +140,21 @@ def fit(ctx: StageContext) -> dict[str, Any] | None:
         raise FtpipeError("train: the packed dataset is empty (check dataset.path and dataset.max_length)")
 
     set_seed(cfg["seed"])  # before the model: LoRA's initial weights are random
-    model = load_for_training(
-        ctx.inputs["download"] / "model", train_cfg, device, bool(cfg["model"]["trust_remote_code"])
-    )
-    checkpoints = ctx.out / "checkpoints"
+    levers = speed.resolve(train_cfg, device, zero_stage(cfg["launcher"]))  # the speed policy, once per run
+    model = load_for_training(job.model_dir, train_cfg, levers, bool(cfg["model"]["trust_remote_code"]))
+    checkpoints = job.out / "checkpoints"
     main = is_main_process()
-    callbacks = [TensorBoardCallback(SummaryWriter(log_dir=str(ctx.out / "tb")))] if main else []
-    callbacks += speed.callbacks(train_cfg, device)
+    callbacks = [TensorBoardCallback(SummaryWriter(log_dir=str(job.out / "tb")))] if main else []
+    callbacks += speed.callbacks(levers)
     if train_cfg["sample_every"]:
-        callbacks.append(_sampler(ctx, prec))
+        callbacks.append(_sampler(job, prec))
     trainer = FtTrainer(
         model=model,
-        args=training_arguments(cfg, str(checkpoints), device, prec, len(dataset[0]["input_ids"])),
+        args=training_arguments(cfg, str(checkpoints), levers, prec, len(dataset[0]["input_ids"])),
         train_dataset=dataset,
-        data_collator=PackedCollator(**speed.collator_kwargs(train_cfg, device)),
+        data_collator=PackedCollator(**speed.collator_kwargs(levers)),
         callbacks=callbacks,
-        loss_mode=speed.loss_mode(train_cfg, device),
+        loss_mode=speed.loss_mode(levers),
         device=device,
     )
     resume = last_checkpoint(checkpoints, prune=main)
@@ -159,7 +166,7 @@ def fit(ctx: StageContext) -> dict[str, Any] | None:
         device,
         prec,
         len(dataset),
-        train_cfg["loss"],
+        speed.loss_mode(levers),
     )
     tokens_before = 0
     if resume is not None:
@@ -170,11 +177,11 @@ def fit(ctx: StageContext) -> dict[str, Any] | None:
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.time() - started
 
-    trainer.save_model(str(ctx.out / "final"))  # collective under DeepSpeed; writes on the main process
+    trainer.save_model(str(job.out / "final"))  # collective under DeepSpeed; writes on the main process
     if not main:
         return None
     history = trainer.state.log_history
-    (ctx.out / "log_history.json").write_text(json.dumps(history, indent=1))
+    (job.out / "log_history.json").write_text(json.dumps(history, indent=1))
     losses = [row["loss"] for row in history if "loss" in row]
     tokens = int(trainer.state.num_input_tokens_seen)
     return {

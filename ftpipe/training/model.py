@@ -54,11 +54,13 @@ def lora_config(train_cfg: dict[str, Any]):
 
 
 def load_for_training(
-    model_dir: Path, train_cfg: dict[str, Any], device: str, trust_remote_code: bool = False
+    model_dir: Path, train_cfg: dict[str, Any], levers: speed.Levers, trust_remote_code: bool = False
 ) -> torch.nn.Module:
+    """The model to train on `levers.device`, with the resolved speed levers applied (speed/__init__.py)."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = speed.model_load_kwargs(train_cfg, device)
+    device = levers.device
+    kwargs = speed.model_load_kwargs(train_cfg, levers)
     quant = quantization_config(train_cfg, device)
     if quant is not None:
         kwargs["quantization_config"] = quant
@@ -71,17 +73,17 @@ def load_for_training(
 
         # Checkpointing is speed.patch_model's job; here only the fp32 casts and input grads.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = speed.patch_model(model, train_cfg, device)
+    model = speed.patch_model(model, train_cfg, levers)
     if train_cfg["method"] == "full":
         return model
 
     from peft import get_peft_model
 
     try:
-        model = get_peft_model(model, lora_config(train_cfg), **speed.peft_kwargs(train_cfg, device))
+        model = get_peft_model(model, lora_config(train_cfg), **speed.peft_kwargs(levers))
     except ValueError as exc:  # PEFT names the modules it could not find
         raise FtpipeError(f"config key `train.lora.target_modules`: {exc}") from None
-    model = speed.after_peft(model, train_cfg, device)
+    model = speed.after_peft(model, train_cfg, levers)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info("LoRA: %d trainable of %d parameters (%.2f%%)", trainable, total, 100 * trainable / total)

@@ -10,24 +10,23 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from ..data.info import DataInfo
+
 log = logging.getLogger("ftpipe")
 
 N_PROMPTS = 3
 
 
 def sample_prompts(
-    data_dir: Path, dataset_cfg: dict[str, Any], template: dict[str, Any], tokenizer: Any
+    data: DataInfo, template: dict[str, Any], tokenizer: Any
 ) -> tuple[list[str], list[list[int]], list[str]]:
     """(questions, prompt ids, stop words): held-out inputs if the recipe holds some out, else training ones,
     formatted exactly as training formats them (template, system prompt, BOS)."""
-    from ..data.formats import load_conversations
     from ..data.templates import prompt_ids, resolve_template, stop_words
 
-    train, held_out, _ = load_conversations(data_dir, dataset_cfg)
-    system = train[0][0].get("system") or None
     template = resolve_template(template, tokenizer)
-    questions = [conv[0]["input"] for conv in (held_out or train)[:N_PROMPTS]]
-    ids = [prompt_ids(tokenizer, template, [], q, system) for q in questions]
+    questions = data.prompts(N_PROMPTS)
+    ids = [prompt_ids(tokenizer, template, [], q, data.system) for q in questions]
     return questions, ids, stop_words(template)
 
 
@@ -51,7 +50,7 @@ class SampleReplies(TrainerCallback):
         if state.global_step % self.every or not state.is_world_process_zero or model is None:
             return
         from ..evaluation.generate import generate_replies
-        from .attention import attention_for_generation
+        from .speed.attention import attention_for_generation
 
         device = next(model.parameters()).device
         was_training = model.training

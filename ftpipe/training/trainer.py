@@ -1,4 +1,4 @@
-"""HF Trainer glue: answer-only loss, throughput/memory logging, checkpoint discovery for resume."""
+"""HF Trainer glue: the loss path (speed/loss.py), throughput/memory logging, checkpoint discovery for resume."""
 
 from __future__ import annotations
 
@@ -10,48 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
 from .devices import peak_memory_gib
+from .speed.loss import training_loss
 
 log = logging.getLogger("ftpipe")
-
-IGNORE = -100
-
-
-def answer_only_loss(
-    model: torch.nn.Module,
-    inputs: dict[str, torch.Tensor],
-    num_items_in_batch: torch.Tensor | int | None = None,
-) -> tuple[torch.Tensor, Any]:
-    """Causal-LM loss with the LM head applied only where a label is trained.
-
-    Most tokens of a chat example are prompt (label -100); the vocab projection and softmax over them are
-    wasted work. `logits_to_keep` accepts an index tensor, so the model computes hidden states for all
-    tokens but logits only at positions t whose next label labels[t+1] is trained. Reduction matches
-    transformers' ForCausalLMLoss: fp32 cross-entropy, summed and divided by `num_items_in_batch` (the
-    trained-token count of the whole accumulated batch) or averaged when it is not given.
-    """
-    labels = inputs["labels"]
-    targets = labels[:, 1:]
-    keep = (targets != IGNORE).any(dim=0).nonzero().squeeze(-1)
-    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-    outputs = model(**model_inputs, logits_to_keep=keep)
-    logits = outputs.logits  # [batch, len(keep), vocab]
-    picked = targets[:, keep]
-    reduction = "sum" if num_items_in_batch is not None else "mean"
-    loss = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        picked.reshape(-1),
-        ignore_index=IGNORE,
-        reduction=reduction,
-    )
-    if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        loss = loss / num_items_in_batch
-    return loss, outputs
 
 
 class Throughput(TrainerCallback):
@@ -114,11 +78,7 @@ class FtTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
-        if self.loss_mode == "answer_only":
-            loss, outputs = answer_only_loss(model, inputs, num_items_in_batch)
-        else:
-            outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
-            loss = outputs.loss
+        loss, outputs = training_loss(model, inputs, num_items_in_batch, self.loss_mode)
         if (
             self.args.average_tokens_across_devices
             and num_items_in_batch is not None

@@ -1,0 +1,55 @@
+"""The compile lever (`train.speed.compile`): the process settings for torch.compile'd decoder layers (the
+layers themselves are wrapped by `checkpointing.wrap_layers`) and the host-side quiet they need."""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from .policy import Levers
+
+
+def set_allocator() -> None:
+    """Grow allocator segments in place instead of cudaMalloc/cudaFree churn: the offloaded checkpoint's
+    side-stream copies (record_stream) and 4-bit dequantized weights free blocks out of order. Before loading."""
+    try:
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    except (AttributeError, RuntimeError):  # a torch without the setting: the default allocator
+        pass
+
+
+def configure(levers: Levers) -> None:
+    """dynamo's cache for one graph per layer variant, and the partitioner's activation budget."""
+    import torch._dynamo as dynamo
+    import torch._functorch.config as functorch_config
+
+    dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+    # Read when the layers compile (at the first step): below 1.0 the partitioner recomputes the cheapest
+    # activations (elementwise ops first) in backward instead of keeping them.
+    functorch_config.activation_memory_budget = levers.activation_budget or 1.0
+
+
+class QuietGC(TrainerCallback):
+    """Trainer callback: no full Python garbage collections in the middle of steps. A generation-2 collection
+    walks every live object (transformers, dynamo caches: millions) and stalls the host for tens of ms, while
+    the GPU, fed just-in-time by the compiled layers, runs dry: the slow outlier steps of the bench. Objects
+    alive at the start are frozen out of collection; young generations are collected every `every` steps."""
+
+    def __init__(self, every: int = 50) -> None:
+        self.every = every
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step % self.every == 0:
+            gc.collect(1)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        gc.enable()
+        gc.unfreeze()

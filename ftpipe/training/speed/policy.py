@@ -1,0 +1,91 @@
+"""The speed policy: `train.speed.*` (where `auto` is the default) resolved once per run into concrete choices
+for the training device. On the CPU every `auto` resolves to the plain path; docs/performance.md has the
+measurements behind the CUDA defaults."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger("ftpipe")
+
+
+@dataclass(frozen=True)
+class Levers:
+    device: str  # cpu | cuda: the device they were resolved for
+    attention: str  # sdpa | docs | varlen | flex
+    fused_ce: str  # off | liger | torch
+    compile: bool
+    fused_lora: bool
+    checkpointing: str  # none | full | offload | selective
+    adapter_dtype: str  # bf16 | fp32
+    tokens_per_micro_batch: int | None
+    activation_budget: float | None = None
+    cpu_embeddings: bool = False
+
+
+def liger_available() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def resolve(train_cfg: dict[str, Any], device: torch.device | str, zero_stage: int | None = None) -> Levers:
+    """Concrete lever settings for `train_cfg` (the `train` config section) on `device`, under DeepSpeed
+    ZeRO `zero_stage` if any."""
+    kind = torch.device(device).type
+    cuda = kind == "cuda"
+    speed = train_cfg.get("speed") or {}
+    method = train_cfg.get("method", "lora")
+
+    def pick(key: str, auto: Any) -> Any:
+        value = speed.get(key, "auto")
+        return auto if value in ("auto", None) else value
+
+    # The varlen (FlashAttention) kernel is CUDA-only and takes bf16/fp16 only; elsewhere sdpa with the
+    # restarting position_ids is the per-document path.
+    varlen_ok = cuda and train_cfg.get("precision", "auto") != "fp32"
+    attention = pick("attention", "varlen" if varlen_ok else ("sdpa" if cuda else "docs"))
+    if attention == "varlen" and not varlen_ok:
+        attention = "sdpa"
+    fused_ce = pick("fused_ce", ("liger" if liger_available() else "torch") if cuda else "off")
+    if fused_ce == "liger" and not (cuda and liger_available()):
+        fused_ce = "torch"
+    # Compiled decoder layers: measured for LoRA and QLoRA; full fine-tuning and 8-bit keep eager layers.
+    compile_on = pick("compile", "on" if cuda and method in ("lora", "qlora") else "off") == "on"
+    adapter_dtype = pick("adapter_dtype", "bf16" if cuda else "fp32")
+    fused_lora = pick("fused_lora", "on" if cuda and method in ("lora", "qlora") else "off") == "on"
+    # Checkpointing trades speed for memory: only where asked. Offloading parks inputs in pinned host memory
+    # for a GPU; on the CPU it is plain (full) checkpointing.
+    ckpt = pick("checkpointing", "none")
+    if ckpt == "offload" and not cuda:
+        ckpt = "full"
+    if zero_stage == 3 and (
+        fused_lora or compile_on or fused_ce != "off" or ckpt in ("offload", "selective")
+    ):
+        # ZeRO-3 partitions every weight and gathers it in module hooks: the fused LoRA/nf4 ops and the fused
+        # loss read whole weights outside those hooks, compiled or re-wrapped layers bypass them.
+        log.info(
+            "[train] ZeRO-3: fused LoRA ops, compiled layers, the fused loss and offloaded checkpointing are off "
+            "(they need whole weights; ZeRO-3 partitions them)"
+        )
+        fused_lora, compile_on, fused_ce = False, False, "off"
+        ckpt = "full" if ckpt in ("offload", "selective") else ckpt
+    return Levers(
+        device=kind,
+        attention=attention,
+        fused_ce=fused_ce,
+        compile=compile_on,
+        fused_lora=fused_lora,
+        checkpointing=ckpt,
+        adapter_dtype=adapter_dtype,
+        tokens_per_micro_batch=speed.get("tokens_per_micro_batch"),
+        # Compiled layers keep 80% of their activations (the partitioner recomputes the cheapest elementwise
+        # ones in backward): Llama-3.2-1B 12.3 -> 9.4 GiB without checkpointing, 3.50 -> 3.47 GiB with the
+        # offloaded one, at about the same speed (docs/performance.md).
+        activation_budget=speed.get("activation_budget") or (0.8 if compile_on else None),
+        # QLoRA is the memory-first method: its frozen input embeddings (untied) stay in host memory.
+        cpu_embeddings=pick("cpu_embeddings", "on" if cuda and method == "qlora" else "off") == "on",
+    )

@@ -1,0 +1,345 @@
+"""CPU checks of the speed levers (ftpipe/training/speed/) that run without a GPU: per-document attention, the fused loss, fused LoRA,
+checkpointing, padding-free batches. The CUDA-only parts (varlen kernel, Liger, offload, compile) are checked by
+the correctness guard in scripts/bench.py on the GPU machine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ftpipe.data import boundaries
+from ftpipe.data.labels import IGNORE_INDEX
+from ftpipe.training import speed
+from ftpipe.training.collator import PackedCollator
+from ftpipe.training.speed import attention as attn
+from ftpipe.training.speed.host_embedding import HostEmbedding
+from ftpipe.training.speed.lora import cast_adapters, fuse_lora
+from ftpipe.training.speed.lora_ops import lora_linear
+from ftpipe.training.speed.loss import ChunkedLinearCrossEntropy, linear_cross_entropy_sum
+
+LENGTHS = [[5, 17, 10], [32]]  # two rows of 32 tokens: three documents, then one
+
+
+def _positions() -> torch.Tensor:
+    return torch.stack([torch.cat([torch.arange(n) for n in row]) for row in LENGTHS])
+
+
+def _per_document_sdpa(q, k, v) -> torch.Tensor:
+    """Reference: each document alone through SDPA (causal), grouped heads repeated."""
+    out = torch.empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype)
+    rep = q.shape[1] // k.shape[1]
+    for b, row in enumerate(LENGTHS):
+        start = 0
+        for n in row:
+            sl = slice(start, start + n)
+            o = F.scaled_dot_product_attention(
+                q[b, :, sl],
+                k[b, :, sl].repeat_interleave(rep, 0),
+                v[b, :, sl].repeat_interleave(rep, 0),
+                is_causal=True,
+            )
+            out[b, sl] = o.transpose(0, 1)
+            start += n
+    return out
+
+
+def test_document_boundaries() -> None:
+    pos = _positions()
+    cu, longest = boundaries.cu_seqlens(pos)
+    assert cu.tolist() == [0, 5, 22, 32, 64] and longest == 32
+    assert boundaries.document_ids(pos)[0].unique().tolist() == [0, 1, 2]
+
+
+def test_flex_attention_matches_sdpa_per_document() -> None:
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 32, 16)
+    k, v = torch.randn(2, 2, 32, 16), torch.randn(2, 2, 32, 16)
+    out, _ = attn.flex_attention_forward(None, q, k, v, None, scaling=16**-0.5, position_ids=_positions())
+    torch.testing.assert_close(out, _per_document_sdpa(q, k, v), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_chunked_linear_cross_entropy_matches_full_logits(weight_grad: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(70, 24, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 24, dtype=torch.float64, requires_grad=weight_grad)
+    y = torch.randint(0, 50, (70,))
+    y[::7] = IGNORE_INDEX
+    loss = ChunkedLinearCrossEntropy.apply(x, w, None, y, 16) / (y != IGNORE_INDEX).sum()
+    ref = F.cross_entropy(x @ w.T, y, ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(loss, ref)
+    grads = torch.autograd.grad(3 * loss, [x, w] if weight_grad else [x])
+    ref_grads = torch.autograd.grad(3 * ref, [x, w] if weight_grad else [x])
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r)
+    assert linear_cross_entropy_sum(x, w, None, y, "torch").item() == pytest.approx(ref.item() * 60)
+
+
+def test_lora_linear_fn_matches_autograd() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    w, bias = torch.randn(8, 12, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    a = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    out = lora_linear(x, w, bias, a, b, 0.25)
+    ref = F.linear(x, w, bias) + 0.25 * (x @ a.T) @ b.T
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    for got, want in zip(
+        torch.autograd.grad(out, (x, a, b), g), torch.autograd.grad(ref, (x, a, b), g), strict=True
+    ):
+        torch.testing.assert_close(got, want)
+
+
+def _fused_qlora_layer(keep_dequant: bool = False):
+    """A PEFT LoRA layer over a bitsandbytes nf4 Linear4bit (double quant, CPU backend here), bf16 adapters,
+    fused by `fuse_lora` as the train stage does; and the dequantized base weight (fp32) for references."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    base = bnb.nn.Linear4bit(64, 48, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    base.weight = bnb.nn.Params4bit(
+        torch.randn(48, 64, dtype=torch.bfloat16),
+        requires_grad=False,
+        quant_type="nf4",
+        compress_statistics=True,
+        blocksize=64,
+    )
+    model = torch.nn.Sequential()
+    model.add_module("proj", base.to("cpu"))
+    w = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).float()
+    lora = LoraConfig(r=4, lora_alpha=2, target_modules=["proj"], init_lora_weights=False)
+    model = inject_adapter_in_model(lora, model)
+    cast_adapters(model, torch.bfloat16)
+    assert fuse_lora(model, keep_dequant=keep_dequant) == 1
+    layer = model.proj
+    assert layer._ftpipe_nf4 is not None  # the nf4 operator path, not the bf16 one
+    return layer, w
+
+
+def test_lora_4bit_layer_matches_dequantized_reference() -> None:
+    """The QLoRA path: a fused LoRA layer over an nf4 weight against x W^T + s (x A^T) B^T with W dequantized."""
+    layer, w = _fused_qlora_layer()
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    scale = float(layer.scaling["default"])
+    torch.manual_seed(1)
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    a32, b32 = (t.detach().float().requires_grad_() for t in (a, b))
+    ref = x @ w.T + scale * (x @ a32.T) @ b32.T
+    xb = x.detach().bfloat16().requires_grad_()
+    with torch.autocast("cpu", enabled=False):
+        out = layer(xb)
+    assert ((out.float() - ref).norm() / ref.norm()) < 1e-2
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (xb, a, b), g.bfloat16())
+    want = torch.autograd.grad(ref, (x, a32, b32), g)
+    for gg, ww in zip(got, want, strict=True):
+        assert ((gg.float() - ww).norm() / ww.norm()) < 2e-2
+
+
+def test_lora_ops_trace_under_compile() -> None:
+    """The fused LoRA ops (torch.library registrations) trace through AOTAutograd with their fake kernels and
+    autograd formulas: a compiled function gives the eager gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 12, requires_grad=True)
+    w = torch.randn(8, 12)
+    a = torch.randn(4, 12, requires_grad=True)
+    b = torch.randn(8, 4, requires_grad=True)
+
+    def f(x, a, b):
+        return (lora_linear(x, w, None, a, b, 0.3) ** 2).sum()
+
+    want = torch.autograd.grad(f(x, a, b), (x, a, b))
+    got = torch.autograd.grad(torch.compile(f, backend="aot_eager", fullgraph=True)(x, a, b), (x, a, b))
+    for g, r in zip(got, want, strict=True):
+        torch.testing.assert_close(g, r)
+
+
+def test_lora_4bit_kept_weight_gives_the_same_gradients() -> None:
+    """keep_dequant (a checkpoint's recompute): the dequantized weight is an output saved for backward instead of
+    being dequantized again there; same values and gradients, eager and compiled."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16, requires_grad=True)
+
+    def run(keep: bool, compiled: bool) -> tuple:
+        layer, _ = _fused_qlora_layer(keep_dequant=keep)
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+
+        def f(x):
+            return (layer(x).float() ** 2).sum()
+
+        fn = torch.compile(f, backend="aot_eager") if compiled else f
+        loss = fn(x)
+        return (loss, *torch.autograd.grad(loss, (x, a, b)))
+
+    want = run(False, False)
+    for keep, compiled in ((True, False), (True, True), (False, True)):
+        for g, r in zip(run(keep, compiled), want, strict=True):
+            torch.testing.assert_close(g, r)
+
+
+def test_liger_chunks_are_few_and_bounded() -> None:
+    """Chunk rows of the sync-free Liger loss: 512 for both bench shapes (Liger's own rule gives 256 and 128),
+    never above the token count."""
+    from ftpipe.training.speed.loss import _liger_chunk_rows
+
+    assert _liger_chunk_rows(8192, 2048, 128256) == 512  # Llama-3.2-1B, 4 x 2048 tokens
+    assert _liger_chunk_rows(4096, 3584, 152064) == 512  # Qwen2.5-7B, 2 x 2048 tokens
+    assert _liger_chunk_rows(100, 2048, 128256) == 100
+    assert _liger_chunk_rows(10**6, 4096, 32000) == 1024
+
+
+def test_cpu_defaults_are_the_plain_path() -> None:
+    levers = speed.resolve({"method": "lora", "speed": {}}, "cpu")
+    assert levers == speed.Levers("cpu", "docs", "off", False, False, "none", "fp32", None)
+    assert speed.loss_mode(levers) == "answer_only"  # fused_ce off: the answer-only LM head
+    assert speed.collator_kwargs(levers) == {"boundaries": False, "host_ids": False}
+    assert speed.training_args_overrides(levers) == {} and speed.peft_kwargs(levers) == {}
+    offload = speed.resolve({"method": "lora", "speed": {"checkpointing": "offload"}}, "cpu")
+    assert offload.checkpointing == "full"
+    train = {"micro_batch_size": 4, "grad_accum": 1}
+    tokens = speed.resolve({"method": "lora", "speed": {"tokens_per_micro_batch": 4096}}, "cpu")
+    assert speed.micro_batches(train, tokens, 2048) == (2, 2)
+    assert speed.micro_batches({"micro_batch_size": 4, "grad_accum": 2}, levers, 2048) == (4, 2)
+
+
+def test_checkpointing_and_loss_are_one_key_each() -> None:
+    """`train.speed.checkpointing` alone switches checkpointing (auto = none, on every device); the fused
+    cross-entropy alone decides the loss path (on: the model computes it; off: the answer-only head)."""
+    for device in ("cpu", "cuda"):
+        assert speed.resolve({"method": "lora", "speed": {}}, device).checkpointing == "none"
+    assert speed.resolve({"method": "lora", "speed": {"checkpointing": "offload"}}, "cuda").checkpointing == (
+        "offload"
+    )
+    cuda = speed.resolve({"method": "lora", "precision": "bf16", "speed": {}}, "cuda")
+    assert cuda.fused_ce in ("liger", "torch") and speed.loss_mode(cuda) == "model"
+    off = speed.resolve({"method": "lora", "speed": {"fused_ce": "off"}}, "cuda")
+    assert speed.loss_mode(off) == "answer_only"
+
+
+def test_fp32_training_on_cuda_avoids_the_bf16_only_varlen_kernel() -> None:
+    # Resolving needs no GPU: the device is only a name here.
+    assert speed.resolve({"method": "lora", "precision": "fp32", "speed": {}}, "cuda").attention == "sdpa"
+    explicit = {"method": "lora", "precision": "fp32", "speed": {"attention": "varlen"}}
+    assert speed.resolve(explicit, "cuda").attention == "sdpa"
+    assert speed.resolve({"method": "lora", "precision": "bf16", "speed": {}}, "cuda").attention == "varlen"
+
+
+def _tiny_peft(train_cfg: dict | None):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    levers = speed.resolve(train_cfg, "cpu") if train_cfg else None
+    kwargs = speed.model_load_kwargs(train_cfg, levers) if train_cfg else {"attn_implementation": "sdpa"}
+    assert kwargs.pop("dtype", torch.float32) == torch.float32
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(cfg, **kwargs)
+    model.config.use_cache = False
+    if train_cfg:
+        model = speed.patch_model(model, train_cfg, levers)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    torch.manual_seed(1)
+    model = get_peft_model(model, lora, **(speed.peft_kwargs(levers) if train_cfg else {}))
+    if train_cfg:
+        model = speed.after_peft(model, train_cfg, levers)
+    return model
+
+
+def _loss_grads(model, batch):
+    out = model(**batch)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "full", "selective"])
+def test_fast_path_matches_plain_path_on_tiny_llama(checkpointing: str) -> None:
+    """Same weights, same packed batch: padding-free row + chunked fused loss +
+    fused LoRA (+ checkpointing) give HF+PEFT's loss and LoRA gradients."""
+    torch.manual_seed(2)
+    pos = _positions()
+    ids = torch.randint(0, 256, pos.shape)
+    labels = ids.clone()
+    labels[pos == 0] = IGNORE_INDEX
+    labels[:, 3:12] = (
+        IGNORE_INDEX  # prompt-like stretches: the fused loss then runs the head on trained tokens only
+    )
+    plain = _tiny_peft(None)
+    ref_loss, ref_grads = _loss_grads(plain, {"input_ids": ids, "labels": labels, "position_ids": pos})
+    train_cfg = {
+        "method": "lora",
+        "precision": "fp32",
+        "speed": {
+            "attention": "sdpa",  # flex has no CPU backward; sdpa masks per document from position_ids
+            "fused_ce": "torch",
+            "fused_lora": "on",
+            "checkpointing": checkpointing,
+        },
+    }
+    fast = _tiny_peft(train_cfg)
+    rows = [{"input_ids": ids[i], "labels": labels[i], "position_ids": pos[i]} for i in range(2)]
+    batch = PackedCollator(boundaries=True)(rows)
+    assert batch["input_ids"].shape == (1, 64)
+    assert batch["cu_seq_lens_q"].tolist() == [0, 5, 22, 32, 64] and batch["max_length_q"] == 64
+    assert batch["loss_tokens"] == int((labels[:, 1:] != IGNORE_INDEX).sum())
+    loss, grads = _loss_grads(fast, batch)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    assert set(grads) == set(ref_grads) and len(grads) == 2 * 7 * 2
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_host_embedding_gathers_on_the_host() -> None:
+    """QLoRA's frozen input embedding kept in host memory: same rows as the GPU table would give, from the
+    collator's host copy of the ids when there is one."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(50, 8)
+    emb.weight.requires_grad_(False)
+    host = HostEmbedding(emb)
+    ids = torch.randint(0, 50, (1, 12))
+    batch = PackedCollator(host_ids=True)(
+        [{"input_ids": ids[0], "labels": ids[0], "position_ids": torch.arange(12)}]
+    )
+    assert batch["host_input_ids"].tensor.tolist() == ids.tolist()
+    host.pending = batch["host_input_ids"].tensor
+    torch.testing.assert_close(host(ids), emb(ids))
+    assert host.pending is None
+    torch.testing.assert_close(host(ids), emb(ids))  # no host copy: read back from the ids' device
+
+
+def test_quiet_gc_callback_restores_collection() -> None:
+    import gc
+
+    assert speed.callbacks(speed.resolve({"method": "lora", "speed": {}}, "cpu")) == []
+    (cb,) = speed.callbacks(speed.resolve({"method": "lora", "speed": {}}, "cuda"))
+
+    class State:
+        global_step = 50
+
+    cb.on_train_begin(None, State, None)
+    assert not gc.isenabled()
+    cb.on_step_end(None, State, None)
+    cb.on_train_end(None, State, None)
+    assert gc.isenabled()
+
+
+def test_speed_keys_are_validated_by_name() -> None:
+    from ftpipe.config import compose, validate
+    from ftpipe.errors import FtpipeError
+
+    cfg = validate(
+        compose(["+recipe=colorist_lora", "train.speed.attention=flex", "train.speed.activation_budget=0.7"])
+    )
+    assert cfg["train"]["speed"]["attention"] == "flex" and cfg["train"]["speed"]["activation_budget"] == 0.7
+    with pytest.raises(FtpipeError, match=r"train\.speed\.checkpointing"):
+        validate(compose(["+recipe=colorist_lora", "train.speed.checkpointing=sometimes"]))
