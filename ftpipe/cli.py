@@ -266,6 +266,9 @@ def main() -> None:
             "  ftpipe show|ls|cp|cache|check ...    see README.md"
         )
         return
+    from .config import quote_overrides
+
+    sys.argv[1:] = quote_overrides(argv)
     _hydra_run()
 
 

@@ -331,6 +331,27 @@ def _validate_train(train: dict[str, Any], optimizer: dict[str, Any]) -> None:
         raise FtpipeError(f"config key `optimizer.betas` must hold two numbers, got {optimizer['betas']}")
 
 
+def quote_overrides(args: list[str]) -> list[str]:
+    """Overrides as a user types them, made parseable: Hydra's lexer rejects unquoted non-ASCII values
+    (`dataset.name=伍鲜同志`, as in XTuner's tutorial), so such a value, or each value of a comma sweep, is quoted.
+    Anything Hydra already parses, and anything that is not `key=value`, is left as it is."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    out = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or arg.startswith("-") or value.isascii() or "'" in value or '"' in value:
+            out.append(arg)
+            continue
+        try:
+            parser.parse_override(arg)
+            out.append(arg)
+        except Exception:  # Hydra's lexer error: quote the value(s) and let Hydra judge again
+            out.append(key + "=" + ",".join(f"'{part}'" for part in value.split(",")))
+    return out
+
+
 def compose(overrides: list[str], config_dir: str | None = None) -> DictConfig:
     """Compose the app config outside a Hydra run (show, check, chat); `config_dir` adds a user's configs."""
     from hydra import compose as hydra_compose
@@ -342,7 +363,9 @@ def compose(overrides: list[str], config_dir: str | None = None) -> DictConfig:
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             return hydra_compose(
-                config_name="config", overrides=[*overrides, *extra], return_hydra_config=False
+                config_name="config",
+                overrides=[*quote_overrides(overrides), *extra],
+                return_hydra_config=False,
             )
     except Exception as exc:  # Hydra's own messages already name the override or file
         raise FtpipeError(str(exc)) from None

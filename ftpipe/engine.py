@@ -32,9 +32,8 @@ _LIBS = ("ftpipe", "torch", "transformers", "peft", "datasets", "accelerate", "b
 class StageContext:
     cfg: dict[str, Any]  # the stage's slice of the resolved config, runtime keys included
     out: Path  # the only place the stage writes
-    upstream: dict[
-        str, tuple[Path, tuple[str, ...]]
-    ]  # upstream stage -> (its entry dir, its declared outputs)
+    # upstream stage -> (its committed entry dir, the outputs it declares); read them with `input()`
+    upstream: dict[str, tuple[Path, tuple[str, ...]]]
     shared: Path  # cache-wide folder for what outlives one entry: fetched wheels and GGUFs, compiled ops
 
     def input(self, stage: str, output: str) -> Path:

@@ -151,3 +151,17 @@ def test_installed_wheel_carries_configs_and_recipes(tmp_path):
     assert out.returncode == 0, out.stderr
     conf_dir, dataset = out.stdout.split()
     assert conf_dir == str(site / "ftpipe" / "conf") and dataset == "embedded:assistant"
+
+
+def test_a_non_ascii_value_typed_unquoted_works_as_in_xtuners_tutorial(tmp_path):
+    """`dataset.name=伍鲜同志` dies in Hydra's lexer unless quoted; ftpipe quotes such values itself."""
+    cache = tmp_path / "c"
+    args = ("+recipe=assistant_lora", "model=tiny_llama", "dataset.name=伍鲜同志")
+    show = ftpipe("show", *args, cwd=tmp_path, cache=cache)
+    assert show.returncode == 0, show.stderr
+    assert "name: 伍鲜同志" in show.stdout
+    done = ftpipe(*args, "stages=[download-data]", cwd=tmp_path, cache=cache)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (row,) = run_json(tmp_path)["stages"]
+    rows = (Path(row["output"]) / "data" / "raw" / "assistant.jsonl").read_text(encoding="utf-8")
+    assert "伍鲜同志" in rows
