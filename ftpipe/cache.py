@@ -49,7 +49,20 @@ def file_sha256(path: Path) -> str:
 class Cache:
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise FtpipeError(
+                f"cache_dir={self.root} is a file, not a folder; point cache_dir= elsewhere"
+            ) from None
+        except PermissionError:
+            raise FtpipeError(
+                f"cache_dir={self.root}: not allowed to create it; point cache_dir= elsewhere"
+            ) from None
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise FtpipeError(
+                f"cache_dir={self.root} is not writable; point cache_dir= (or FTPIPE_CACHE) elsewhere"
+            )
 
     # ---- layout -------------------------------------------------------------------------------
     def stage_dir(self, stage: str) -> Path:

@@ -30,6 +30,12 @@ def _hydra_run() -> None:
         except FtpipeError as exc:
             log.error("%s", exc)
             sys.exit(1)
+        except KeyboardInterrupt:
+            log.error(
+                "interrupted: finished stages stay cached and train keeps its last checkpoint; "
+                "rerun the same command to resume"
+            )
+            sys.exit(130)
 
     task()
 

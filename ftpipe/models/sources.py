@@ -49,6 +49,7 @@ def materialize_model(cfg: dict[str, Any], dest: Path, downloads: Path) -> dict[
             raise FtpipeError(
                 f"model.path={path!r}: folder has no config.json (not a Hugging Face model folder)"
             )
+        _check_model_folder(local, path)
         _link_or_copy_tree(local, dest)
         return {"model_source": "local"}
     if local.is_absolute() or path.startswith((".", "~")):
@@ -146,6 +147,11 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+    with open(gguf, "rb") as fh:
+        if fh.read(4) != b"GGUF":  # the format's magic: anything else would fail deep inside the reader
+            raise FtpipeError(
+                f"model.path: {gguf} is not a GGUF file (it does not start with the GGUF magic)"
+            )
     log.info("converting %s to a Hugging Face folder", gguf.name)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
@@ -153,6 +159,24 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
     )
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
+
+
+WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def _check_model_folder(folder: Path, path: str) -> None:
+    """A Hugging Face model folder has weights and a tokenizer beside config.json; say which is missing here,
+    naming the user's path, rather than let map or train fail on the cache's copy."""
+    if not any(next(folder.glob(pattern), None) for pattern in WEIGHTS):
+        raise FtpipeError(
+            f"model.path={path!r}: the folder has config.json but no weights (*.safetensors, *.bin)"
+        )
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise FtpipeError(f"model.path={path!r}: the folder has no tokenizer ({', '.join(TOKENIZER_FILES)})")
+    unreadable = [f.name for f in folder.iterdir() if f.is_file() and not os.access(f, os.R_OK)]
+    if unreadable:
+        raise FtpipeError(f"model.path={path!r}: cannot read {', '.join(sorted(unreadable))} (permissions)")
 
 
 def _link_or_copy_tree(src: Path, dest: Path) -> None:
