@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,11 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     train, launcher = resolved["train"], resolved["launcher"]
     _validate_launcher(launcher)
     _validate_before_any_stage(resolved)
+    if resolved["model"]["trust_remote_code"]:
+        logging.getLogger("ftpipe").warning(
+            "model.trust_remote_code is on: Python code from %s will run on this machine",
+            resolved["model"]["path"],
+        )
     if train["method"] in {"qlora", "lora8bit"} and zero_stage(launcher) == 3:
         raise FtpipeError(
             "config keys `train.method` and `launcher`: ZeRO-3 cannot shard 4/8-bit quantized weights"
