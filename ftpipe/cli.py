@@ -84,10 +84,13 @@ def cmd_ls(args: list[str]) -> None:
     for entry in RECIPES:
         print(f"  {entry.name:<22} {entry.summary}")
     print("\nconfig groups (swap with `GROUP=OPTION`):")
-    for group in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "recipe"):
-        print(
-            f"  {group.name:<10} {', '.join(sorted(f.stem for f in group.glob('*.yaml') if not f.stem.startswith('_')))}"
-        )
+    groups: dict[str, list[str]] = {}
+    for option in sorted(CONF_DIR.glob("*/**/*.yaml")):
+        group = option.parent.relative_to(CONF_DIR).as_posix()
+        if group != "recipe" and not option.stem.startswith("_"):
+            groups.setdefault(group, []).append(option.stem)
+    for group, options in groups.items():
+        print(f"  {group:<15} {', '.join(options)}")
 
 
 def cmd_cp(args: list[str]) -> None:
