@@ -167,6 +167,7 @@ def test_ranks_do_not_outlive_a_killed_torchrun_agent(tmp_path, env):
     assert not list((tmp_path / "cache" / "train").glob("*/manifest.json"))
 
 
+@pytest.mark.slow  # two full fine-tunings and merges, ~80 s: make test-full
 def test_full_fine_tuning_under_zero3_merges_to_the_single_process_model(tmp_path, env):
     """ZeRO-3 partitions the weights over the ranks: the 16-bit weights gathered on save must give the merged
     model one process gives at the same global batch."""
