@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup  ## fine-tune SmolLM2-135M on colour names with LoRA, on the CPU, end to end
 	$(VENV)/bin/ftpipe +recipe=colorist_lora
 
-test: setup  ## the default suite: tiny models plus one SmolLM2 assistant run (~7 min; no network but PyPI)
+test: setup  ## the default suite: tiny models, launchers, faults, one SmolLM2 run (~15 min on 2 cores; no network but PyPI)
 	$(VENV)/bin/pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-full: setup  ## everything, adding the colorist demo run on SmolLM2 (~9 min more)

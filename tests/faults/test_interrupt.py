@@ -13,7 +13,7 @@ import time
 def test_ctrl_c_in_train_stops_cleanly_and_the_rerun_resumes(tmp_path):
     args = [
         sys.executable, "-m", "ftpipe", "+recipe=assistant_lora", "model=tiny_llama", "dataset.name=Ada",
-        "stages=[train]", "train.max_steps=30", "train.save_steps=2", "train.precision=fp32",
+        "stages=[train]", "train.max_steps=200", "train.save_steps=2", "train.precision=fp32",
     ]  # fmt: skip
     env = {**os.environ, "FTPIPE_CACHE": str(tmp_path / "cache")}
     proc = subprocess.Popen(
@@ -38,4 +38,4 @@ def test_ctrl_c_in_train_stops_cleanly_and_the_rerun_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     run_json = max(tmp_path.glob("outputs/*/*/run.json"), key=lambda p: p.stat().st_mtime)
     (row,) = [r for r in json.loads(run_json.read_text())["stages"] if r["name"] == "train"]
-    assert row["resumed_from_step"] == last and row["train_steps"] == 30
+    assert row["resumed_from_step"] == last and row["train_steps"] == 200
