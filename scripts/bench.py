@@ -804,21 +804,17 @@ def probe() -> dict[str, Any]:
         ref_grads = torch.autograd.grad((ref_o * g).sum(), (q, k, v))
         fn, causal, _ = attn._varlen_fn()
         cu, longest = boundaries.cu_seqlens(pos)
+
+        def packed(forward):  # an attention function as transformers calls it, on this packed row
+            heads_first = (t.transpose(0, 1)[None] for t in (q, k, v))
+            return forward(None, *heads_first, None, None, position_ids=pos)[0][0]
+
         for gqa in (False, True):
             try:
                 if gqa:  # the kernel given fewer KV heads than query heads, without a flag
                     o = fn(q, k, v, cu, cu, longest, longest, **causal)
                 else:  # ftpipe's path: enable_gqa where the wrapper has it, else K/V repeated
-                    o, _ = attn.varlen_attention_forward(
-                        None,
-                        q.transpose(0, 1)[None],
-                        k.transpose(0, 1)[None],
-                        v.transpose(0, 1)[None],
-                        None,
-                        None,
-                        position_ids=pos,
-                    )
-                    o = o[0]
+                    o = packed(attn.varlen_attention_forward)
                 grads = torch.autograd.grad((o.double() * g).sum(), (q, k, v))
                 err = float((o.double() - ref_o).norm() / ref_o.norm())
                 gerr = [
@@ -832,16 +828,9 @@ def probe() -> dict[str, Any]:
         # not pass them through): informational, ftpipe repeats K/V where the wrapper has no enable_gqa.
         native_gqa = bool(isinstance(ok, dict) and ok["out_err"] < 1e-2 and max(ok["grad_err"]) < 2e-2)
         out["varlen_native_gqa_ok"] = native_gqa
-        o, _ = attn.flex_attention_forward(
-            None,
-            q.transpose(0, 1)[None],
-            k.transpose(0, 1)[None],
-            v.transpose(0, 1)[None],
-            None,
-            None,
-            position_ids=pos,
+        out["flex_out_err"] = float(
+            (packed(attn.flex_attention_forward).double() - ref_o).norm() / ref_o.norm()
         )
-        out["flex_out_err"] = float((o[0].double() - ref_o).norm() / ref_o.norm())
     except Exception as exc:
         out["attention_probe_error"] = f"{type(exc).__name__}: {exc}"[:500]
         traceback.print_exc()

@@ -42,7 +42,10 @@ def executions(summary: dict) -> dict[str, int]:
     return counts
 
 
-@pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local"])
+# joblib in make test-full: submitit_local already runs the jobs as parallel processes in the default suite
+@pytest.mark.parametrize(
+    "launcher", ["basic", pytest.param("joblib", marks=pytest.mark.slow), "submitit_local"]
+)
 def test_a_three_value_sweep_computes_shared_stages_once(tmp_path, launcher):
     extra = {
         "basic": [],
