@@ -47,6 +47,12 @@ def die_with_the_launcher() -> None:
 
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        try:  # the agent may have died while this rank was starting, before the line above
+            parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+        except OSError:
+            parent = b""
+        if b"torch.distributed.run" not in parent:
+            raise SystemExit("ftpipe: the torchrun agent that started this rank is gone")
 
 
 def main(spec_path: str) -> None:
@@ -76,6 +82,10 @@ def main(spec_path: str) -> None:
         partial = job.out / (METRICS + ".part")
         partial.write_text(json.dumps(metrics))
         os.replace(partial, job.out / METRICS)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # left to interpreter exit, gloo/DeepSpeed threads can abort the rank
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
