@@ -11,7 +11,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from .data.labels import IGNORE_INDEX
-from .errors import FtpipeError
+from .errors import FtpipeError, os_error_line
 from .paths import CONF_DIR, default_cache_root
 
 log = logging.getLogger("ftpipe")
@@ -29,6 +29,11 @@ def _hydra_run() -> None:
             return app.run(cfg, Path(HydraConfig.get().runtime.output_dir))
         except FtpipeError as exc:
             log.error("%s", exc)
+            sys.exit(1)
+        except OSError as exc:
+            if (line := os_error_line(exc)) is None:
+                raise
+            log.error("%s", line)
             sys.exit(1)
         except KeyboardInterrupt:
             log.error(
@@ -223,7 +228,7 @@ def cmd_check(args: list[str]) -> None:
         lengths = (offsets[1:] - offsets[:-1]).tolist()
         too_long += [(start + i, n) for i, n in enumerate(lengths) if n > max_length]
     if too_long:
-        verb = "split into chunks" if dataset["truncation"] == "split" else "truncated"
+        verb = {"split": "split into chunks", "drop": "left out"}.get(dataset["truncation"], "truncated")
         print(
             f"note: {len(too_long)} row(s) are longer than dataset.max_length={max_length} and will be {verb}:"
         )
@@ -268,6 +273,11 @@ def main() -> None:
         except FtpipeError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(1)
+        except OSError as exc:
+            if (line := os_error_line(exc)) is None:
+                raise
+            print(f"error: {line}", file=sys.stderr)
+            sys.exit(1)
         return
     if argv and argv[0] in ("-h", "--help", "help"):
         print(
@@ -275,9 +285,15 @@ def main() -> None:
             "  ftpipe show|ls|cp|cache|check ...    see README.md"
         )
         return
-    from .config import quote_overrides
+    from .config import compose, quote_overrides
 
     sys.argv[1:] = quote_overrides(argv)
+    if not any(arg.startswith("-") for arg in argv):  # a plain run: Hydra's own report of a bad override
+        try:  # spans several lines, so compose once first to say it in one
+            compose(argv)
+        except FtpipeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(1)
     _hydra_run()
 
 

@@ -38,7 +38,9 @@ class DatasetConfig:
     system: str | None = None
     max_length: int = 2048
     pack: bool = True
-    truncation: str = "truncate"  # truncate | split: what pack does with a sample longer than max_length
+    truncation: str = (
+        "truncate"  # truncate | split | drop: what pack does with a sample longer than max_length
+    )
     train_on_inputs: bool = False
     skip_bad_rows: bool = False
     char_level_answers: bool = False  # tokenise answers one token per character (colour hex codes)
@@ -186,7 +188,7 @@ register_schema()
 
 _CHOICES = {
     "dataset.format": {"auto", "conversation", "alpaca", "openai", "oasst1", "colors", "pretrain"},
-    "dataset.truncation": {"truncate", "split"},
+    "dataset.truncation": {"truncate", "split", "drop"},
     "train.method": {"full", "lora", "qlora", "lora8bit"},
     "train.precision": {"auto", "bf16", "fp16", "fp32"},
     "optimizer.scheduler": {"cosine", "linear", "constant"},
@@ -374,4 +376,24 @@ def compose(overrides: list[str], config_dir: str | None = None) -> DictConfig:
                 return_hydra_config=False,
             )
     except Exception as exc:  # Hydra's own messages already name the override or file
-        raise FtpipeError(str(exc)) from None
+        raise FtpipeError(_one_line(exc)) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    """Hydra's report as one line: its sentences and any list of options, without OmegaConf's indented
+    details (`full_key: …`), the search path or the trace hint."""
+    text = str(exc) + (f"\n{exc.__cause__}" if exc.__cause__ else "")
+    parts: list[str] = []
+    for line in text.split("Config search path:")[0].splitlines():
+        if not line.strip() or "HYDRA_FULL_ERROR" in line:
+            continue
+        if line.strip().startswith("full_key:"):  # the dotted key, where the sentence names only its leaf
+            key = line.split(":", 1)[1].strip()
+            if key and key not in text.replace(line, ""):
+                parts.append(f"(config key `{key}`)")
+            continue
+        if not line[0].isspace():
+            parts.append(line.strip() if line.rstrip()[-1] in ".:;!?" else line.strip() + ".")
+        elif parts and parts[-1].endswith((":", ",")) and not any(c in line for c in "=:"):
+            parts[-1] += " " + line.strip() + ","  # an option of the list the previous line announced
+    return " ".join(parts).rstrip(".,")

@@ -6,6 +6,7 @@ local paths replaced by their content hash), its upstream stages' keys. Same inp
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import logging
 import shutil
@@ -18,7 +19,7 @@ from typing import Any
 from filelock import Timeout
 
 from .cache import Cache, sha256_of
-from .errors import FtpipeError
+from .errors import RESUMES, FtpipeError
 
 log = logging.getLogger("ftpipe")
 
@@ -233,23 +234,43 @@ def _execute(step: PlannedStage, cache: Cache) -> dict[str, Any]:
         missing = [o for o in stage.outputs if o not in stage.optional and not (tmp / o).exists()]
         if missing:
             raise FtpipeError(f"{stage.name}: finished without writing its declared output(s) {missing}")
-    except BaseException:
+        finished = time.time()
+        manifest = {
+            "stage": stage.name,
+            "key": key,
+            "version": stage.version,
+            "key_material": step.key_material,
+            "slice": step.slice,
+            "libs": _lib_versions(),
+            "started": started,
+            "finished": finished,
+            "seconds": round(finished - started, 3),
+            "metrics": metrics,
+            "files": cache.file_record(tmp),  # [size, sha256] each: a hit checks sizes, `cache verify` hashes
+        }
+        cache.commit(stage.name, key, manifest)
+    except BaseException as exc:
+        full = isinstance(exc, Exception) and not isinstance(exc, FtpipeError) and _disk_full(exc, tmp)
         if not stage.resumable:
             shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise FtpipeError(
+                f"{stage.name}: the disk holding {cache.root} filled up while writing {tmp.name} "
+                f"({type(exc).__name__}); free space there or point cache_dir= at a larger disk. {RESUMES}"
+            ) from exc
         raise
-    finished = time.time()
-    manifest = {
-        "stage": stage.name,
-        "key": key,
-        "version": stage.version,
-        "key_material": step.key_material,
-        "slice": step.slice,
-        "libs": _lib_versions(),
-        "started": started,
-        "finished": finished,
-        "seconds": round(finished - started, 3),
-        "metrics": metrics,
-        "files": cache.file_record(tmp),  # [size, sha256] each: a hit checks sizes, `cache verify` hashes
-    }
-    cache.commit(stage.name, key, manifest)
     return metrics
+
+
+def _disk_full(exc: Exception, path: Path) -> bool:
+    """Whether `exc` came from a full disk. Libraries wrap a failed write their own way (safetensors raises
+    SafetensorError "… No space left on device (os error 28)"), so the errno, the OS's words, and the disk
+    itself (looked at before the partial output is removed and frees it again) all count."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+        return True
+    try:
+        return shutil.disk_usage(path).free < 1 << 20
+    except OSError:
+        return False

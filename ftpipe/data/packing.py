@@ -32,7 +32,11 @@ class Packed:
 
 
 def _limit(starts: np.ndarray, lens: np.ndarray, max_length: int, truncation: str):
-    """(starts, lens) after truncating, or splitting into max_length chunks, documents that are too long."""
+    """(starts, lens) after truncating, splitting into max_length chunks, or dropping documents that are too
+    long."""
+    if truncation == "drop":
+        fits = lens <= max_length
+        return starts[fits], lens[fits]
     if truncation == "split":
         chunks = -(-lens // max_length)
         doc = np.repeat(np.arange(len(lens)), chunks)
@@ -80,7 +84,8 @@ def pack(
     tokens_in = int(lens.sum())
     n_in = len(lens)
     starts, kept = _limit(starts, lens, max_length, truncation)
-    truncated = tokens_in - int(kept.sum())
+    truncated = tokens_in - int(kept.sum())  # with truncation=drop: the tokens of the documents left out
+    dropped_too_long = n_in - len(kept) if truncation == "drop" else 0
     lens = kept
 
     # Documents whose answer was cut away (or that had none) carry no loss: a row made only of them would
@@ -120,6 +125,7 @@ def pack(
         "documents_in": n_in,
         "documents": int(len(lens)),
         "documents_dropped_no_loss": dropped_docs,
+        "documents_dropped_too_long": dropped_too_long,
         "rows": n_rows,
         "tokens_in": tokens_in,
         "tokens_out": total,

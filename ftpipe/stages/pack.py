@@ -24,6 +24,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
     labels, label_offsets = flat_column(docs, "labels")
     assert (offsets == label_offsets).all(), "map wrote input_ids and labels of different lengths"
     packed = pack(ids, labels, offsets, int(cfg["max_length"]), bool(cfg["pack"]), cfg["truncation"])
+    if packed.metrics["documents"] == 0 and cfg["truncation"] == "drop":
+        raise FtpipeError(
+            f"pack: all {packed.metrics['documents_in']} samples are longer than dataset.max_length="
+            f"{cfg['max_length']} and truncation=drop leaves them out; raise max_length, or set "
+            "dataset.truncation=truncate (or split)"
+        )
     if packed.metrics["documents"] == 0:
         raise FtpipeError(
             f"pack: none of the {packed.metrics['documents_in']} samples has a token to train on after cutting "

@@ -78,7 +78,7 @@ def test_unpacked_gives_one_document_per_row():
     assert [r[3] for r in rows] == [[5], [4], [3]]
 
 
-def test_truncate_and_split_account_for_every_token():
+def test_truncate_split_and_drop_account_for_every_token():
     docs = toy_docs([10, 3])
     cut = pack(*flat(docs), max_length=4, truncation="truncate")
     assert (cut.metrics["tokens_out"], cut.metrics["tokens_truncated"]) == (7, 6)
@@ -87,6 +87,10 @@ def test_truncate_and_split_account_for_every_token():
     assert (split.metrics["tokens_out"], split.metrics["tokens_truncated"]) == (13, 0)
     assert sorted(r[3] for r in rows_of(split)) == [[2], [3], [4], [4]]
     assert sorted(t for r in rows_of(split) for t in r[0]) == list(range(1, 14))
+    drop = pack(*flat(docs), max_length=4, truncation="drop")  # Axolotl's way: too long → left out whole
+    assert (drop.metrics["tokens_out"], drop.metrics["tokens_truncated"]) == (3, 10)
+    assert drop.metrics["documents_dropped_too_long"] == 1
+    assert [r[0] for r in rows_of(drop)] == [[11, 12, 13]]
 
 
 def test_documents_without_loss_are_dropped_and_counted():
