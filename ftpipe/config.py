@@ -90,6 +90,9 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: Any = "all-linear"  # a list of module names, or "all-linear"
+    # adapters only in the last N decoder layers (null: all): the backward pass then stops below them, which
+    # on a CPU is most of a step's cost
+    last_layers: int | None = None
 
 
 @dataclass
@@ -109,6 +112,9 @@ class SpeedConfig:
     # offload = full on CPU)
     checkpointing: str = "auto"
     adapter_dtype: str = "auto"  # auto | bf16 | fp32: LoRA weights' dtype (bf16 skips autocast copies)
+    # auto | on | off: run the frozen bottom layers (below `train.lora.last_layers`) once per packed row instead
+    # of every step (auto: on for the CPU)
+    frozen_prefix: str = "auto"
     # compiled layers keep this fraction of their activations, recomputing the cheapest ops in backward
     # (torch._functorch.config.activation_memory_budget); None = auto (0.8 without checkpointing on CUDA)
     activation_budget: float | None = None
@@ -196,6 +202,7 @@ _CHOICES = {
     "train.speed.fused_ce": {"auto", "liger", "torch", "off"},
     "train.speed.compile": {"auto", "on", "off"},
     "train.speed.fused_lora": {"auto", "on", "off"},
+    "train.speed.frozen_prefix": {"auto", "on", "off"},
     "train.speed.checkpointing": {"auto", "none", "full", "offload", "selective"},
     "train.speed.adapter_dtype": {"auto", "bf16", "fp32"},
     "train.speed.cpu_embeddings": {"auto", "on", "off"},

@@ -33,9 +33,12 @@ class PackedCollator:
     from the GPU (a host sync each): the document boundaries `cu_seq_lens_q/k` (int32) and `max_length_q/k`
     (`boundaries.length_bound` of the longest document), and `loss_tokens`."""
 
-    def __init__(self, boundaries: bool = False, host_ids: bool = False) -> None:
+    def __init__(self, boundaries: bool = False, host_ids: bool = False, row_index: bool = False) -> None:
         self.boundaries = boundaries
         self.host_ids = host_ids
+        self.row_index = (
+            row_index  # pass each row's index on (speed.frozen_prefix looks its hidden states up)
+        )
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         # Tensor ops, not per-token Python: with num_workers=0 this runs on the training loop's thread, between
@@ -74,6 +77,8 @@ class PackedCollator:
             # How many next-token targets train (not -100, not across a document start): lets the fused loss
             # pick the trained positions on the GPU without reading a count back (no host sync).
             batch["loss_tokens"] = boundaries.loss_tokens(batch["labels"], batch["position_ids"])
+        if self.row_index:
+            batch["row_index"] = torch.tensor([int(row["row_index"]) for row in rows])
         if self.host_ids:  # the ids for an input embedding kept in host memory (speed.host_embedding)
             batch["host_input_ids"] = HostTensor(batch["input_ids"])
         return batch

@@ -55,3 +55,8 @@ def peak_memory_gib(device: str) -> float:
         return torch.cuda.max_memory_allocated() / 2**30
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def autocast_dtype(resolved_precision: str) -> torch.dtype | None:
+    """The autocast dtype for a resolved precision (None for fp32: no autocast)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolved_precision)

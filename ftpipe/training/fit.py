@@ -92,10 +92,10 @@ def is_main_process() -> bool:
 
 
 def _sampler(job: TrainJob, prec: str):
-    import torch
     from transformers import AutoTokenizer
 
     from ..data.info import DataInfo
+    from .devices import autocast_dtype
     from .sampling import SampleReplies, sample_prompts
 
     cfg = job.cfg
@@ -103,7 +103,6 @@ def _sampler(job: TrainJob, prec: str):
         job.model_dir, trust_remote_code=bool(cfg["model"]["trust_remote_code"])
     )
     questions, ids, stops = sample_prompts(DataInfo.read(job.data_info), cfg["template"], tokenizer)
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
     return SampleReplies(
         cfg["train"]["sample_every"],
         tokenizer,
@@ -112,12 +111,13 @@ def _sampler(job: TrainJob, prec: str):
         stops,
         cfg["train"]["sample_max_new_tokens"],
         job.out / "samples.jsonl",
-        autocast,
+        autocast_dtype(prec),
     )
 
 
 def fit(job: TrainJob) -> dict[str, Any] | None:
     """Train into job.out; returns the metrics on the main process, None on other ranks."""
+    import torch
     from datasets import load_from_disk
     from torch.utils.tensorboard import SummaryWriter
     from transformers import set_seed
@@ -125,8 +125,9 @@ def fit(job: TrainJob) -> dict[str, Any] | None:
 
     from . import speed
     from .collator import PackedCollator
-    from .devices import peak_memory_gib, precision, train_device
+    from .devices import autocast_dtype, peak_memory_gib, precision, train_device
     from .model import load_for_training
+    from .speed.frozen_prefix import ROW_INDEX, FrozenPrefix
     from .trainer import FtTrainer, last_checkpoint
 
     cfg, train_cfg = job.cfg, job.cfg["train"]
@@ -148,14 +149,20 @@ def fit(job: TrainJob) -> dict[str, Any] | None:
     callbacks += speed.callbacks(levers)
     if train_cfg["sample_every"]:
         callbacks.append(_sampler(job, prec))
+    collator = PackedCollator(**speed.collator_kwargs(levers))
+    prefix = None
+    if levers.frozen_prefix:
+        dataset = dataset.add_column(ROW_INDEX, list(range(len(dataset))))
+        prefix = FrozenPrefix.build(model, dataset, collator, torch.device(device), autocast_dtype(prec))
     trainer = FtTrainer(
         model=model,
         args=training_arguments(cfg, str(checkpoints), levers, prec, len(dataset[0]["input_ids"])),
         train_dataset=dataset,
-        data_collator=PackedCollator(**speed.collator_kwargs(levers)),
+        data_collator=collator,
         callbacks=callbacks,
         loss_mode=speed.loss_mode(levers),
         device=device,
+        frozen_prefix=prefix,
     )
     resume = last_checkpoint(checkpoints, prune=main)
     if resume is not None:
@@ -174,7 +181,11 @@ def fit(job: TrainJob) -> dict[str, Any] | None:
             "num_input_tokens_seen", 0
         )
     started = time.time()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finally:
+        if prefix is not None:
+            prefix.restore()
     seconds = time.time() - started
 
     trainer.save_model(str(job.out / "final"))  # collective under DeepSpeed; writes on the main process

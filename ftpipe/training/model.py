@@ -39,17 +39,41 @@ def quantization_config(train_cfg: dict[str, Any], device: str):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def lora_config(train_cfg: dict[str, Any]):
+def lora_config(train_cfg: dict[str, Any], model: torch.nn.Module):
     from peft import LoraConfig
 
     lora = train_cfg["lora"]
+    targets, layers, last = lora["target_modules"], None, lora.get("last_layers")
+    if last is not None:
+        n_layers = model.config.num_hidden_layers
+        if not 1 <= last <= n_layers:
+            raise FtpipeError(
+                f"config key `train.lora.last_layers` must be in 1..{n_layers} for this model, got {last}"
+            )
+        layers = list(range(n_layers - last, n_layers))
+        if targets == "all-linear":  # PEFT takes a layer subset only with module names
+            targets = _linear_names(model)
     return LoraConfig(
         r=lora["r"],
         lora_alpha=lora["alpha"],
         lora_dropout=lora["dropout"],
-        target_modules=lora["target_modules"],
+        target_modules=targets,
+        layers_to_transform=layers,
         bias="none",
         task_type="CAUSAL_LM",
+    )
+
+
+def _linear_names(model: torch.nn.Module) -> list[str]:
+    """What PEFT's "all-linear" means: every linear layer's name but the output head's (quantized ones too:
+    bitsandbytes' layers subclass nn.Linear)."""
+    head = model.get_output_embeddings()
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not head
+        }
     )
 
 
@@ -80,7 +104,7 @@ def load_for_training(
     from peft import get_peft_model
 
     try:
-        model = get_peft_model(model, lora_config(train_cfg), **speed.peft_kwargs(levers))
+        model = get_peft_model(model, lora_config(train_cfg, model), **speed.peft_kwargs(levers))
     except ValueError as exc:  # PEFT names the modules it could not find
         raise FtpipeError(f"config key `train.lora.target_modules`: {exc}") from None
     model = speed.after_peft(model, train_cfg, levers)

@@ -40,7 +40,15 @@ class Throughput(TrainerCallback):
 class FtTrainer(Trainer):
     """Trainer with ftpipe's loss choice and extra scalars (tokens/s, peak memory) in every training log."""
 
-    def __init__(self, *args: Any, loss_mode: str = "answer_only", device: str = "cpu", **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        loss_mode: str = "answer_only",
+        device: str = "cpu",
+        frozen_prefix: Any = None,  # speed.frozen_prefix.FrozenPrefix: batches then carry cached hidden states
+        **kwargs: Any,
+    ):
+        self.frozen_prefix = frozen_prefix
         super().__init__(*args, **kwargs)
         self.loss_mode = loss_mode
         self.device_kind = device
@@ -78,6 +86,8 @@ class FtTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
+        if self.frozen_prefix is not None:
+            inputs = self.frozen_prefix.inputs(inputs)
         loss, outputs = training_loss(model, inputs, num_items_in_batch, self.loss_mode)
         if (
             self.args.average_tokens_across_devices

@@ -114,6 +114,7 @@ def collator_kwargs(levers: Levers) -> dict[str, Any]:
     return {
         "boundaries": levers.attention == "varlen" or levers.fused_ce != "off",
         "host_ids": levers.cpu_embeddings,
+        "row_index": levers.frozen_prefix,
     }
 
 

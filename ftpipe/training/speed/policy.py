@@ -26,6 +26,7 @@ class Levers:
     tokens_per_micro_batch: int | None
     activation_budget: float | None = None
     cpu_embeddings: bool = False
+    frozen_prefix: bool = False
 
 
 def liger_available() -> bool:
@@ -88,4 +89,9 @@ def resolve(train_cfg: dict[str, Any], device: torch.device | str, zero_stage: i
         activation_budget=speed.get("activation_budget") or (0.8 if compile_on else None),
         # QLoRA is the memory-first method: its frozen input embeddings (untied) stay in host memory.
         cpu_embeddings=pick("cpu_embeddings", "on" if cuda and method == "qlora" else "off") == "on",
+        # Frozen bottom layers run once per row (speed/frozen_prefix.py; a no-op unless `train.lora.last_layers`
+        # freezes some): on the CPU, where their forward is most of a step. Sampling during training generates
+        # with the whole model, so the two do not combine.
+        frozen_prefix=pick("frozen_prefix", "off" if cuda else "on") == "on"
+        and not train_cfg.get("sample_every"),
     )
