@@ -143,7 +143,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    # which metrics evaluate-chat computes: auto (from the dataset) | colorist | assistant | none
+    # which metrics evaluate-chat computes: auto (from the dataset) | colorist | assistant | pretrain | none
     task: str = "auto"
     # extra prompts answered before/after training (XTuner's evaluation_inputs)
     inputs: list[str] = field(default_factory=list)
@@ -206,7 +206,7 @@ _CHOICES = {
     "train.speed.checkpointing": {"auto", "none", "full", "offload", "selective"},
     "train.speed.adapter_dtype": {"auto", "bf16", "fp32"},
     "train.speed.cpu_embeddings": {"auto", "on", "off"},
-    "eval.task": {"auto", "colorist", "assistant", "none"},
+    "eval.task": {"auto", "colorist", "assistant", "pretrain", "none"},
     "objective.direction": {"minimize", "maximize"},
     "optimizer.name": {"adamw"},
     "merge.dtype": {"auto", "fp32", "bf16", "fp16"},

@@ -57,12 +57,49 @@ def assistant_rows(name: str) -> list[dict]:
     return rows
 
 
+def _hue_words(r: int, g: int, b: int) -> tuple[str, str]:
+    """(hue family, lightness) of a colour, in the words a colour article uses."""
+    import colorsys
+
+    h, lightness, s = colorsys.rgb_to_hls(r / 255, g / 255, b / 255)
+    bounds = [(15, "red"), (45, "orange"), (70, "yellow"), (165, "green"), (195, "cyan"), (255, "blue")]
+    bounds += [(290, "purple"), (345, "pink"), (361, "red")]
+    family = "grey" if s < 0.15 else next(word for end, word in bounds if h * 360 < end)
+    tone = "dark" if lightness < 0.35 else "light" if lightness > 0.7 else "medium"
+    return family, tone
+
+
+def colour_articles() -> list[dict]:
+    """Short encyclopedia-style articles, one per XKCD colour: a plain-text corpus for continued pretraining
+    (`pretrain_lora`) whose held-out articles share the style and the knowledge (name ↔ hex ↔ RGB ↔ hue)."""
+    rows = []
+    for line in (EMBEDDED_DATA_DIR / "colorist.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        name = row["description"].split(":", 1)[0].strip()
+        code = row["color"].lower()
+        r, g, b = (int(code[i : i + 2], 16) for i in (1, 3, 5))
+        family, tone = _hue_words(r, g, b)
+        strongest = max(("red", r), ("green", g), ("blue", b), key=lambda c: c[1])[0]
+        rows.append(
+            {
+                "text": f"{name} is a {tone} {family} colour. Its hex code is {code}: red {r}, green {g} and "
+                f"blue {b} out of 255, so {strongest} is its strongest channel. In the XKCD colour survey, "
+                f"people who saw {code} on their screen named it {name.lower()}."
+            }
+        )
+    return rows
+
+
 def write_embedded(which: str, name: str | None, dest: Path) -> Path:
     """Write the embedded set `which` as JSONL into `dest`; return the file."""
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / f"{which}.jsonl"
     if which == "colorist":
         target.write_bytes((EMBEDDED_DATA_DIR / "colorist.jsonl").read_bytes())
+    elif which == "colour_articles":
+        with open(target, "w") as fh:
+            for row in colour_articles():
+                fh.write(json.dumps(row) + "\n")
     elif which == "assistant":
         if not name:
             raise ValueError("dataset.name must be set for the embedded assistant set")
@@ -74,4 +111,4 @@ def write_embedded(which: str, name: str | None, dest: Path) -> Path:
     return target
 
 
-EMBEDDED_SETS = ("colorist", "assistant")
+EMBEDDED_SETS = ("colorist", "assistant", "colour_articles")

@@ -310,7 +310,22 @@ def from_colors(data: Any) -> Conversation:
 
 
 def from_pretrain(data: Any) -> Conversation:
-    return [{"input": "", "output": _text(_object(data), "text")}]
+    """A document: `{"text": ...}`, or XTuner's pretraining shape `{"conversation": [{"input": "", "output": ...}]}`."""
+    row = _object(data)
+    if "conversation" in row and _is_pretrain_conversation(row["conversation"]):
+        return [{"input": "", "output": _text(row["conversation"][0], "output")}]
+    return [{"input": "", "output": _text(row, "text")}]
+
+
+def _is_pretrain_conversation(turns: Any) -> bool:
+    """XTuner's pretrain_map_fn output: one turn, no prompt, no system, the document as the output."""
+    return (
+        isinstance(turns, list)
+        and len(turns) == 1
+        and isinstance(turns[0], dict)
+        and turns[0].get("input", "") == ""
+        and not turns[0].get("system")
+    )
 
 
 CONVERTERS: dict[str, Callable[[Any], Conversation]] = {
@@ -329,7 +344,7 @@ def detect_format(data: Any) -> str | None:
         return None
     keys = data.keys()
     if "conversation" in keys:
-        return "conversation"
+        return "pretrain" if _is_pretrain_conversation(data["conversation"]) else "conversation"
     if "messages" in keys:
         return "openai"
     if "instruction" in keys and "output" in keys:

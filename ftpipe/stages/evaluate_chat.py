@@ -2,7 +2,7 @@
 
 The task (`eval.task`, ftpipe/tasks/) says what to ask and how to score: `colorist` (held-out colours:
 valid-hex rate, RGB distance vs. mean/random baselines, answer loss), `assistant` (share of self-introductions
-that name `dataset.name`), `none` (replies to the held-out inputs only). `eval.inputs` are asked too.
+that name `dataset.name`), `pretrain` (held-out perplexity), `none` (replies to the held-out inputs only). `eval.inputs` are asked too.
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 STAGE = Stage(
     name="evaluate-chat",
-    version="3",
-    reads=("eval", "template", "dataset.name"),
+    version="4",
+    reads=("eval", "template", "dataset.name", "dataset.max_length"),
     upstream=("download-model", "map", "merge"),
     outputs=("samples.jsonl",),
     run=run,

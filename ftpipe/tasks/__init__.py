@@ -1,6 +1,6 @@
 """Evaluation tasks: what evaluate-chat asks the model before and after training, and how it scores the replies.
 
-One module per task (`colorist`, `assistant`, `generic`), each exposing `questions(data, dataset_cfg)` and
+One module per task (`colorist`, `assistant`, `pretrain`, `generic`), each exposing `questions(data, dataset_cfg)` and
 `score(phase, replies, run)` and `baselines(data, questions)`; `task_for` picks one from `eval.task`.
 """
 
@@ -10,9 +10,14 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from . import assistant, colorist, generic
+from . import assistant, colorist, generic, pretrain
 
-TASKS: dict[str, ModuleType] = {"colorist": colorist, "assistant": assistant, "none": generic}
+TASKS: dict[str, ModuleType] = {
+    "colorist": colorist,
+    "assistant": assistant,
+    "pretrain": pretrain,
+    "none": generic,
+}
 
 
 @dataclass
@@ -33,11 +38,14 @@ class Phase:
 
 
 def task_name(eval_task: str, data_format: str, owner: str | None) -> str:
-    """`eval.task`, with `auto` read from the data: colour rows → colorist, an owner's name → assistant."""
+    """`eval.task`, with `auto` read from the data: colour rows → colorist, documents → pretrain, an owner's
+    name → assistant."""
     if eval_task != "auto":
         return eval_task
     if data_format == "colors":
         return "colorist"
+    if data_format == "pretrain":
+        return "pretrain"
     if owner:  # only self-cognition data has an owner's name
         return "assistant"
     return "none"
