@@ -22,8 +22,9 @@ from .gguf import added_specials
 
 
 def _go_text(text: str) -> str:
-    """Literal text in a Go template: only `{{` means something there."""
-    return text.replace("{{", '{{ "{{" }}')
+    """Literal text in a Go template. Only `{{` means something there, but a lone `{` next to an action
+    would form one too (`{` + `{{ .Content }}`), so every brace is written as a string action."""
+    return text.replace("{", '{{ "{" }}')
 
 
 def _go_format(fmt: str, fields: dict[str, str], key: str) -> str:

@@ -201,3 +201,28 @@ def test_the_key_does_not_depend_on_the_order_of_types(tmp_path):
         return planned(tmp_path, f"export.gguf={types}")["export"]
 
     assert key("[f16,q8_0]") == key("[q8_0,f16]") != key("[f16]")
+
+
+def test_chat_with_the_gguf_file_formats_prompts_as_training(exported):
+    """`ftpipe chat FILE.gguf`: transformers' GGUF loader, and the file's own chat template (template=tokenizer)
+    gives the replies the training template gives with the same model."""
+    import io
+
+    from omegaconf import OmegaConf
+
+    from ftpipe.chat import chat_loop
+    from ftpipe.models.loading import load_for_inference
+
+    cfg, rows = exported
+    model, tokenizer = load_for_inference(gguf_path(rows, "f16"))
+    own = OmegaConf.to_container(compose(["template=tokenizer"]).template, resolve=True)
+    session = "warm orange\n\ndeep purple\n\nEXIT\n"
+
+    def replies(template, system):
+        out = io.StringIO()
+        chat_loop(model, tokenizer, template, system, io.StringIO(session), out, max_new_tokens=8)
+        return out.getvalue()
+
+    from_file = replies(own, None)  # the system prompt is the file's template default
+    assert from_file == replies(cfg["template"], SYSTEM_TEMPLATE["colorist"])
+    assert len(from_file.splitlines()) == 2
