@@ -147,7 +147,9 @@ def test_gguf_metadata_records_provenance_and_the_architecture(exported):
     assert fields["general.architecture"].contents() == "llama"
     assert fields["llama.block_count"].contents() == config.num_hidden_layers
     assert fields["llama.attention.head_count_kv"].contents() == config.num_key_value_heads
-    assert fields["tokenizer.ggml.pre"].contents() == "smollm"
+    assert (
+        fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    )  # the SmolLM2 tokenizer.json: GPT-2's ByteLevel split
     assert fields["tokenizer.ggml.add_bos_token"].contents() is False  # SmolLM2 adds no BOS
     assert fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
 
@@ -226,3 +228,56 @@ def test_chat_with_the_gguf_file_formats_prompts_as_training(exported):
     from_file = replies(own, None)  # the system prompt is the file's template default
     assert from_file == replies(cfg["template"], SYSTEM_TEMPLATE["colorist"])
     assert len(from_file.splitlines()) == 2
+
+
+@pytest.mark.slow  # llama-cpp-python builds llama.cpp from source: `make test-full` installs it
+def test_llama_cpp_runs_the_file_with_its_chat_template_and_replies_as_transformers(exported):
+    from llama_cpp import Llama
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg, rows = exported
+    path = gguf_path(rows, "f16")
+    llm = Llama(model_path=str(path), n_ctx=512, n_threads=1, logits_all=True, verbose=False)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    # llama.cpp's own reading of the file: the chat template from its metadata, rendered by llama-cpp-python
+    formatter = Jinja2ChatFormatter(
+        llm.metadata["tokenizer.chat_template"],
+        eos_token=llm._model.token_get_text(llm.token_eos()),
+        bos_token=llm._model.token_get_text(llm.token_bos()),
+    )
+    stops = [tokenizer.convert_tokens_to_ids(word) for word in cfg["template"]["stop_words"]]
+    for prompt in ["warm orange", "deep purple", "Give me the colour of a stormy sea."]:
+        text = formatter(messages=[{"role": "user", "content": prompt}]).prompt
+        assert text == generation_prompt(
+            cfg["template"], [], prompt, SYSTEM_TEMPLATE["colorist"], bos_token=tokenizer.bos_token
+        )
+        ids = llm.tokenize(text.encode(), add_bos=False, special=True)
+        assert (
+            ids == tokenizer(text, add_special_tokens=False).input_ids
+        )  # llama.cpp's tokenizer: the same ids
+
+        llm.reset()
+        llm.eval(ids)
+        with torch.no_grad():
+            expected_logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+        got_logits = torch.tensor(llm.scores[: len(ids)])
+        assert (got_logits - expected_logits).abs().max() < 1e-2  # f16 matmuls in llama.cpp
+
+        llm.reset()
+        replied = []
+        for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
+            if token in stops or len(replied) == 12:
+                break
+            replied.append(token)
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([ids]),
+                max_new_tokens=12,
+                do_sample=False,
+                eos_token_id=stops,
+                pad_token_id=stops[0],
+            )
+        expected = [t for t in out[0, len(ids) :].tolist() if t not in stops]
+        assert replied == expected, (prompt, tokenizer.decode(replied), tokenizer.decode(expected))
