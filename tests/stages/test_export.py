@@ -263,6 +263,9 @@ def test_llama_cpp_runs_the_file_with_its_chat_template_and_replies_as_transform
         with torch.no_grad():
             expected_logits = model(input_ids=torch.tensor([ids])).logits[0].float()
         got_logits = torch.tensor(llm.scores[: len(ids)])
+        print(
+            f"{prompt!r}: llama.cpp vs transformers max |logit diff| {(got_logits - expected_logits).abs().max():.3g}"
+        )
         assert (got_logits - expected_logits).abs().max() < 1e-2  # f16 matmuls in llama.cpp
 
         llm.reset()
