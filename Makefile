@@ -26,8 +26,15 @@ demo: setup  ## fine-tune SmolLM2-135M on colour names with LoRA, on the CPU, en
 test: setup  ## the default suite: tiny models, launchers, faults, one SmolLM2 run (~15 min on 2 cores; no network but PyPI)
 	$(VENV)/bin/pytest -q -m "not slow" $(PYTEST_ARGS)
 
-test-full: setup  ## everything, adding the colorist demo run on SmolLM2 (~9 min more)
+test-full: setup $(VENV)/.installed-full  ## everything, adding the colorist demo run on SmolLM2 and llama.cpp (~9 min more)
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+# What only the slow tests use: llama-cpp-python (builds llama.cpp from source with cmake, ~15 min once on
+# one core) to run the exported GGUF, and Go (root's apt) to render Modelfile TEMPLATEs as Ollama does.
+$(VENV)/.installed-full: $(VENV)/.installed
+	-command -v go >/dev/null || (apt-get update -qq && apt-get install -y -qq golang-go)
+	$(PY) -m pip install -q -e ".[llamacpp]"
+	touch $@
 
 lint: setup  ## ruff
 	$(VENV)/bin/ruff check ftpipe tests scripts

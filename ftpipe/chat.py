@@ -87,7 +87,9 @@ def main(args: list[str]) -> None:
         description="Chat with a recipe's merged model (`ftpipe chat +recipe=X [overrides]`) or with "
         "`ftpipe chat MODEL [--adapter DIR] [--template NAME] [--system TEXT]`. " + HELP,
     )
-    parser.add_argument("target", nargs="*", help="+recipe=X and overrides, or a model folder / hub id")
+    parser.add_argument(
+        "target", nargs="*", help="+recipe=X and overrides, or a model folder / hub id / .gguf file"
+    )
     parser.add_argument("--adapter", help="a PEFT adapter folder to apply to MODEL")
     parser.add_argument(
         "--template", default=None, help="prompt template for MODEL (default: the model's own)"

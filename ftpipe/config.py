@@ -165,6 +165,15 @@ class MergeConfig:
 
 
 @dataclass
+class ExportConfig:
+    """The `export` stage (after merge): what local-inference files to write. Nothing set: no export."""
+
+    # GGUF types to write, one file each with an Ollama Modelfile beside it: f16 | bf16 | q8_0 | q5_1 | q5_0 |
+    # q4_1 | q4_0 (below 8 bits the embedding stays q8_0)
+    gguf: list[str] = field(default_factory=list)
+
+
+@dataclass
 class RootConfig:
     stages: list[str] = field(default_factory=list)
     cache_dir: str = "${ftpipe.cache_root:}"  # paths.default_cache_root: $FTPIPE_CACHE or ~/.cache/ftpipe
@@ -178,6 +187,7 @@ class RootConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 def register_schema() -> None:
@@ -234,6 +244,7 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
         if node[leaf] not in allowed:
             raise FtpipeError(f"config key `{dotted}`: {node[leaf]!r} is not one of {sorted(allowed)}")
     train, launcher = resolved["train"], resolved["launcher"]
+    _validate_export(resolved)
     _validate_launcher(launcher)
     _validate_before_any_stage(resolved)
     if resolved["model"]["trust_remote_code"]:
@@ -285,6 +296,23 @@ def _validate_before_any_stage(cfg: dict[str, Any]) -> None:
         raise FtpipeError(
             "config key `dataset.eval_size`: 0 leaves no held-out rows for eval.task=colorist to score; "
             "set dataset.eval_size > 0, or eval.task=none to only train"
+        )
+
+
+def _validate_export(cfg: dict[str, Any]) -> None:
+    from .export.gguf import TYPES
+
+    types = cfg["export"]["gguf"]
+    unknown = [t for t in types if t not in TYPES]
+    if unknown:
+        raise FtpipeError(f"config key `export.gguf`: {unknown} not among the GGUF types {list(TYPES)}")
+    if len(set(types)) != len(types):
+        raise FtpipeError(f"config key `export.gguf`: {types} names a type twice")
+    asked = [s.replace("_", "-") for s in cfg.get("stages") or []]
+    if "export" in asked and not types:
+        raise FtpipeError(
+            "config key `export.gguf`: `stages` asks for export but no GGUF type is given; "
+            "e.g. export.gguf=[q8_0]"
         )
 
 

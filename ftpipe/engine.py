@@ -26,7 +26,17 @@ log = logging.getLogger("ftpipe")
 # Leaf names that tune how a stage runs, never what it produces; they stay out of every key.
 RUNTIME_KEYS = frozenset({"num_proc", "num_workers", "log_level", "progress", "dataloader_workers"})
 SHARED = "shared"  # under the cache root, beside the stage folders
-_LIBS = ("ftpipe", "torch", "transformers", "peft", "datasets", "accelerate", "bitsandbytes", "deepspeed")
+_LIBS = (
+    "ftpipe",
+    "torch",
+    "transformers",
+    "peft",
+    "datasets",
+    "accelerate",
+    "bitsandbytes",
+    "deepspeed",
+    "gguf",
+)
 
 
 @dataclass
@@ -36,6 +46,10 @@ class StageContext:
     # upstream stage -> (its committed entry dir, the outputs it declares); read them with `input()`
     upstream: dict[str, tuple[Path, tuple[str, ...]]]
     shared: Path  # cache-wide folder for what outlives one entry: fetched wheels and GGUFs, compiled ops
+    entry: Path | None = None  # where `out` will be once committed: for messages that name the final files
+    # every stage upstream of this one, transitively: name -> (key, config slice); for provenance records,
+    # never for reading config (that would be outside the stage's own slice)
+    lineage: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
 
     def input(self, stage: str, output: str) -> Path:
         """An upstream stage's declared output, as committed."""
@@ -74,6 +88,7 @@ class PlannedStage:
     hit: bool
     upstream_keys: dict[str, str] = field(default_factory=dict)
     upstream_outputs: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    lineage: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
 
 
 def _get(cfg: dict[str, Any], dotted: str) -> Any:
@@ -92,11 +107,11 @@ def _put(target: dict[str, Any], dotted: str, value: Any) -> None:
     target[leaf] = value
 
 
-def _without_runtime_keys(value: Any) -> Any:
+def without_runtime_keys(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _without_runtime_keys(v) for k, v in value.items() if k not in RUNTIME_KEYS}
+        return {k: without_runtime_keys(v) for k, v in value.items() if k not in RUNTIME_KEYS}
     if isinstance(value, list):
-        return [_without_runtime_keys(v) for v in value]
+        return [without_runtime_keys(v) for v in value]
     return value
 
 
@@ -147,7 +162,7 @@ def plan(
         if stage.name not in wanted:
             continue
         cfg_slice = slice_config(stage, cfg)
-        hashed = _without_runtime_keys(cfg_slice)
+        hashed = without_runtime_keys(cfg_slice)
         for dotted in stage.path_keys:
             path = local_path(_get(cfg_slice, dotted))
             if path is not None:  # the key follows the content, not where it sits on this machine
@@ -162,6 +177,10 @@ def plan(
             "upstream": upstream_keys,
         }
         key = sha256_of(material)[:20]
+        lineage: dict[str, tuple[str, dict[str, Any]]] = {}
+        for up in stage.upstream:
+            lineage.update(planned[up].lineage)
+            lineage[up] = (planned[up].key, planned[up].slice)
         planned[stage.name] = PlannedStage(
             stage,
             key,
@@ -170,11 +189,12 @@ def plan(
             cache.has(stage.name, key),
             upstream_keys,
             {up: by_name[up].outputs for up in stage.upstream},
+            lineage,
         )
     return list(planned.values())
 
 
-def _lib_versions() -> dict[str, str]:
+def lib_versions() -> dict[str, str]:
     versions = {}
     for lib in _LIBS:
         try:
@@ -228,7 +248,14 @@ def _execute(step: PlannedStage, cache: Cache) -> dict[str, Any]:
     }
     log.info("[%s] miss: running into %s", stage.name, tmp)
     started = time.time()
-    ctx = StageContext(cfg=step.slice, out=tmp, upstream=upstream, shared=cache.root / SHARED)
+    ctx = StageContext(
+        cfg=step.slice,
+        out=tmp,
+        upstream=upstream,
+        shared=cache.root / SHARED,
+        entry=cache.entry_dir(stage.name, key),
+        lineage=step.lineage,
+    )
     try:
         metrics = stage.run(ctx) or {}
         missing = [o for o in stage.outputs if o not in stage.optional and not (tmp / o).exists()]
@@ -241,7 +268,7 @@ def _execute(step: PlannedStage, cache: Cache) -> dict[str, Any]:
             "version": stage.version,
             "key_material": step.key_material,
             "slice": step.slice,
-            "libs": _lib_versions(),
+            "libs": lib_versions(),
             "started": started,
             "finished": finished,
             "seconds": round(finished - started, 3),

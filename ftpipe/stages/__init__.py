@@ -4,7 +4,7 @@ from typing import Any
 
 from .. import engine
 from ..cache import Cache
-from . import convert, download_data, download_model, evaluate_chat, map, merge, pack, train
+from . import convert, download_data, download_model, evaluate_chat, export, map, merge, pack, train
 
 CHAIN = [
     download_model.STAGE,
@@ -15,12 +15,23 @@ CHAIN = [
     convert.STAGE,
     merge.STAGE,
     evaluate_chat.STAGE,
+    export.STAGE,
 ]
 
 # Words a user may put in `stages=[...]` for several stages at once.
 ALIASES = {"download": (download_model.STAGE.name, download_data.STAGE.name)}
 
 
+def requested(cfg: dict[str, Any]) -> list[str]:
+    """The stages asked for. export runs only when asked: named in `stages`, or given types (`export.gguf`)
+    by a run that makes a merged model."""
+    asked = list(cfg.get("stages") or [s.name for s in CHAIN if s is not export.STAGE])
+    names = {name.replace("_", "-") for name in asked}
+    if (cfg.get("export") or {}).get("gguf") and "merge" in names and export.STAGE.name not in names:
+        asked.append(export.STAGE.name)
+    return asked
+
+
 def plan(cfg: dict[str, Any], cache: Cache) -> list[engine.PlannedStage]:
-    """The engine's plan for ftpipe's chain: `cfg["stages"]` (aliases allowed) and what they need."""
-    return engine.plan(cfg, CHAIN, cache, ALIASES)
+    """The engine's plan for ftpipe's chain: the stages `requested` (aliases allowed) and what they need."""
+    return engine.plan({**cfg, "stages": requested(cfg)}, CHAIN, cache, ALIASES)

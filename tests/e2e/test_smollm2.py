@@ -58,6 +58,12 @@ def test_colorist_lora_learns_colour_not_just_the_format(tmp_path, cache):
     assert metrics["hex_valid_rate_after"] >= 0.9
     assert metrics["color_distance_after"] < metrics["color_distance_mean_baseline"]
     assert metrics["answer_loss_after"] < metrics["answer_loss_before"]
+    # the recipe's export: a q8_0 GGUF with its Modelfile, and the log says where
+    export = last_run(tmp_path)["export"]
+    (gguf_file,) = export["export_files"]
+    path = Path(export["output"]) / gguf_file
+    assert path.is_file() and (path.parent / "Modelfile").is_file()
+    assert str(path) in run.stderr + run.stdout
 
     chat = ftpipe(
         "chat", "+recipe=colorist_lora", cwd=tmp_path, cache=cache, stdin="Give me a warm orange\n\nEXIT\n"
