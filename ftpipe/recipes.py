@@ -34,6 +34,8 @@ RECIPES = (
     Recipe("colorist_lora_optuna", "Optuna search over colorist_lora's learning rate and LoRA rank (-m)"),
     Recipe("assistant_lora", "self-cognition: the model introduces itself as dataset.name's assistant"),
     Recipe("assistant_qlora", "self-cognition with QLoRA"),
+    Recipe("pretrain_lora", "continued pretraining on plain text (colour articles), held-out perplexity"),
+    Recipe("pretrain_full", "continued pretraining with every weight trained"),
 )
 
 

@@ -93,7 +93,7 @@ def _without(cfg: dict, *dotted: str) -> dict:
 @pytest.mark.parametrize(
     ("qlora", "lora", "differ"),
     [
-        ("colorist_qlora", "colorist_lora", ("train.method", "train.epochs")),
+        ("colorist_qlora", "colorist_lora", ("train.method", "train.epochs", "optimizer.lr")),
         ("assistant_qlora", "assistant_lora", ("train.method",)),
     ],
 )
