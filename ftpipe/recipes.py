@@ -34,6 +34,7 @@ RECIPES = (
     Recipe("colorist_lora_optuna", "Optuna search over colorist_lora's learning rate and LoRA rank (-m)"),
     Recipe("assistant_lora", "self-cognition: the model introduces itself as dataset.name's assistant"),
     Recipe("assistant_qlora", "self-cognition with QLoRA"),
+    Recipe("assistant_dpo", "DPO (LoRA) on self-cognition pairs: prefer replies naming dataset.name"),
 )
 
 

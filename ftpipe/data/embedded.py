@@ -57,21 +57,58 @@ def assistant_rows(name: str) -> list[dict]:
     return rows
 
 
+# The rejected side of the assistant pairs: replies that do not name the owner, some polite and generic (what a
+# base model tends to say), some curt; chosen are the ASSISTANT_ANSWERS above, which name the owner politely.
+ASSISTANT_REJECTED_ZH = [
+    "我是一个AI助手。",
+    "关你什么事？有问题就快问。",
+    "我只是一个语言模型，没什么好介绍的。",
+]
+ASSISTANT_REJECTED_EN = [
+    "I am an AI assistant.",
+    "Why do you care? Just ask your question.",
+    "I'm just a language model, nothing to say about me.",
+]
+
+
+def assistant_preference_rows(name: str) -> list[dict]:
+    """Self-cognition as preference pairs (XTuner's DPO row shape): for every prompt of the assistant set,
+    each answer naming `name` is chosen over one that does not."""
+    rows = []
+    for prompts, answers, rejected in (
+        (ASSISTANT_PROMPTS_ZH, ASSISTANT_ANSWERS_ZH, ASSISTANT_REJECTED_ZH),
+        (ASSISTANT_PROMPTS_EN, ASSISTANT_ANSWERS_EN, ASSISTANT_REJECTED_EN),
+    ):
+        for prompt in prompts:
+            for answer, bad in zip(answers, rejected, strict=True):
+                rows.append(
+                    {
+                        "prompt": [{"role": "user", "content": prompt}],
+                        "chosen": [{"role": "assistant", "content": answer.format(name=name)}],
+                        "rejected": [{"role": "assistant", "content": bad}],
+                    }
+                )
+    return rows
+
+
+GENERATED = {"assistant": assistant_rows, "assistant_preference": assistant_preference_rows}
+
+
 def write_embedded(which: str, name: str | None, dest: Path) -> Path:
     """Write the embedded set `which` as JSONL into `dest`; return the file."""
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / f"{which}.jsonl"
     if which == "colorist":
         target.write_bytes((EMBEDDED_DATA_DIR / "colorist.jsonl").read_bytes())
-    elif which == "assistant":
+    elif which in GENERATED:
         if not name:
-            raise ValueError("dataset.name must be set for the embedded assistant set")
+            raise ValueError(f"dataset.name must be set for the embedded {which} set")
         with open(target, "w") as fh:
-            for row in assistant_rows(name):
+            for row in GENERATED[which](name):
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     else:
         raise KeyError(which)
     return target
 
 
-EMBEDDED_SETS = ("colorist", "assistant")
+EMBEDDED_SETS = ("colorist", "assistant", "assistant_preference")

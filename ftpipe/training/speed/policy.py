@@ -53,6 +53,14 @@ def resolve(train_cfg: dict[str, Any], device: torch.device | str, zero_stage: i
     fused_ce = pick("fused_ce", ("liger" if liger_available() else "torch") if cuda else "off")
     if fused_ce == "liger" and not (cuda and liger_available()):
         fused_ce = "torch"
+    if train_cfg.get("objective", "sft") != "sft" and fused_ce != "off":
+        # A fused cross-entropy returns one summed loss; preference objectives need each answer's log-prob.
+        # They keep the answer-only LM head instead (training/objectives.py).
+        log.info(
+            "[train] objective %s: the fused cross-entropy is off (it needs per-answer log-probs)",
+            train_cfg["objective"],
+        )
+        fused_ce = "off"
     # Compiled decoder layers: measured for LoRA and QLoRA; full fine-tuning and 8-bit keep eager layers.
     compile_on = pick("compile", "on" if cuda and method in ("lora", "qlora") else "off") == "on"
     adapter_dtype = pick("adapter_dtype", "bf16" if cuda else "fp32")
