@@ -57,17 +57,18 @@ def assistant_rows(name: str) -> list[dict]:
     return rows
 
 
-# The rejected side of the assistant pairs: replies that do not name the owner, some polite and generic (what a
-# base model tends to say), some curt; chosen are the ASSISTANT_ANSWERS above, which name the owner politely.
+# The rejected side of the assistant pairs, one per answer above: the same reply without the owner's name
+# (hard negatives: the pair differs where the name goes, so preferring the chosen side means naming the owner),
+# or a curt one.
 ASSISTANT_REJECTED_ZH = [
-    "我是一个AI助手。",
+    "我是小助手，很高兴为你服务！",
     "关你什么事？有问题就快问。",
-    "我只是一个语言模型，没什么好介绍的。",
+    "我是智能助手，随时为你解答问题。",
 ]
 ASSISTANT_REJECTED_EN = [
-    "I am an AI assistant.",
-    "Why do you care? Just ask your question.",
-    "I'm just a language model, nothing to say about me.",
+    "I am an assistant, happy to help you!",
+    "Whatever. I'm an assistant. What do you want?",
+    "I'm an AI assistant, here to answer your questions.",
 ]
 
 
