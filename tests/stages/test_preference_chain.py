@@ -119,3 +119,36 @@ def test_dpo_reaches_convert_merge_and_the_preference_metrics(tmp_path):
         assert key in metrics
     # the DPO steps moved the chosen answers' log-prob up relative to the rejected ones (against the base)
     assert metrics["reward_margin"] > 0 and metrics["reward_chosen"] > metrics["reward_rejected"]
+
+
+def test_check_lists_bad_pairs_and_warns_on_identical_answers(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    rows = [
+        {"prompt": "Who are you?", "chosen": "Ada's assistant.", "rejected": "Nobody."},
+        {"prompt": [{"role": "user", "content": "Hi"}], "chosen": "Hello", "rejected": "Hello"},
+        {"prompt": "x", "chosen": "", "rejected": "y"},
+    ]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "FTPIPE_CACHE": str(tmp_path / "c"), "PYTHONPATH": str(repo)}
+    res = subprocess.run(
+        [sys.executable, "-m", "ftpipe", "check", "+recipe=assistant_dpo", "model=tiny_llama"]
+        + [f"dataset.path={data}", "dataset.eval_size=0"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode != 0
+    assert "format preference" in res.stdout
+    assert "pairs.jsonl:3: empty `chosen` answer" in res.stdout
+    assert "warning: pairs.jsonl:2: chosen and rejected are the same answer" in res.stdout
+    # both answers of a pair are shown, only the answers marked as trained
+    assert "--- chosen: pairs.jsonl:1 " in res.stdout and "[[Ada's assistant.<|im_end|>]]" in res.stdout
+    assert "--- rejected: pairs.jsonl:1 " in res.stdout and "[[Nobody.<|im_end|>]]" in res.stdout

@@ -207,3 +207,43 @@ def test_a_short_run_prefers_the_chosen_answers(tmp_path, model_dir, tokenizer, 
         assert history[-1]["rewards_margin"] > 0 and history[-1]["rewards_accuracy"] > 0.5, history[-1]
     else:
         assert history[-1]["log_odds_ratio"] > history[0]["log_odds_ratio"], history
+
+
+def test_grad_accumulation_equals_one_big_batch(tmp_path, model_dir, tokenizer):
+    """The train key ignores how a step's rows are split (train.key_view): the pair count of the whole
+    accumulated batch divides the loss, so 2 x 2 rows give the step 1 x 4 rows give."""
+    from datasets import Dataset
+    from safetensors.torch import load_file
+
+    from ftpipe.data.info import DataInfo
+    from ftpipe.training.fit import fit
+
+    pack_dir = tmp_path / "pack"
+    # rows of 1 pair and one of 5: whatever the shuffle, one step splits into micro-batches of unequal pairs
+    docs, rows, start = pair_documents(tokenizer, 12), [], 0
+    for size in [1] * 7 + [5]:
+        rows += packed_rows(docs[2 * start : 2 * (start + size)], 512, pack_rows=True)
+        start += size
+    assert len(rows) == 8
+    Dataset.from_list([{k: v.tolist() for k, v in r.items()} for r in rows]).save_to_disk(
+        str(pack_dir / "dataset")
+    )
+    (tmp_path / "map").mkdir()
+    DataInfo("preference", None, [], ["colour 1"], []).write(tmp_path / "map")
+    weights, logs = [], []
+    for mbs, ga in ((4, 1), (2, 2)):
+        cfg = pref_cfg(objective="dpo", max_steps=2, micro_batch_size=mbs, grad_accum=ga)
+        job = h.job(cfg, tmp_path / f"train-{mbs}x{ga}", model_dir, pack_dir)
+        job.data_info = tmp_path / "map" / "data.json"
+        fit(job)
+        weights.append(load_file(str(job.out / "final" / "adapter_model.safetensors")))
+        logs.append([r for r in json.loads((job.out / "log_history.json").read_text()) if "loss" in r])
+    # loss and gradient norm (before clipping) of each step: Adam's update alone would hide a scale error
+    for one, two in zip(*logs, strict=True):
+        assert one["loss"] == pytest.approx(two["loss"], rel=1e-4)
+        assert one["grad_norm"] == pytest.approx(two["grad_norm"], rel=1e-3)
+    assert logs[0][0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    moved = max(float(w.abs().max()) for k, w in weights[0].items() if "lora_B" in k)
+    assert moved > 1e-4  # the two steps changed the adapters
+    for key in weights[0]:
+        assert torch.allclose(weights[0][key], weights[1][key], atol=1e-5), key
