@@ -247,3 +247,17 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path, model_dir, tokenizer):
     assert moved > 1e-4  # the two steps changed the adapters
     for key in weights[0]:
         assert torch.allclose(weights[0][key], weights[1][key], atol=1e-5), key
+
+
+def test_the_fused_cross_entropy_is_off_for_preference_objectives_only():
+    for device in ("cpu", "cuda"):
+        for objective in ("dpo", "orpo"):
+            assert speed.resolve({"method": "lora", "objective": objective, "speed": {}}, device).fused_ce == "off"
+    cuda_sft = speed.resolve({"method": "lora", "objective": "sft", "precision": "bf16", "speed": {}}, "cuda")
+    assert cuda_sft.fused_ce != "off"
+    cuda_dpo = speed.resolve({"method": "lora", "objective": "dpo", "precision": "bf16", "speed": {}}, "cuda")
+    assert (cuda_dpo.attention, cuda_dpo.fused_lora, cuda_dpo.compile) == (
+        cuda_sft.attention,
+        cuda_sft.fused_lora,
+        cuda_sft.compile,
+    )  # the other levers stay
