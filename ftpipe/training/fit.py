@@ -160,7 +160,7 @@ def fit(job: TrainJob) -> dict[str, Any] | None:
     if len(dataset) == 0:
         raise FtpipeError("train: the packed dataset is empty (check dataset.path and dataset.max_length)")
 
-    preference = _check_objective(train_cfg, job.data_info)
+    pairs = _check_objective(train_cfg, job.data_info)
     set_seed(cfg["seed"])  # before the model: LoRA's initial weights are random
     levers = speed.resolve(train_cfg, device, zero_stage(cfg["launcher"]))  # the speed policy, once per run
     model = load_for_training(job.model_dir, train_cfg, levers, bool(cfg["model"]["trust_remote_code"]))
@@ -170,16 +170,13 @@ def fit(job: TrainJob) -> dict[str, Any] | None:
     callbacks += speed.callbacks(levers)
     if train_cfg["sample_every"]:
         callbacks.append(_sampler(job, prec))
-    if preference:
+    preference = None  # the SFT loss
+    if pairs:
         from .objectives import PreferenceLoss, reference_copy
 
         # LoRA/QLoRA: the reference is the policy with its adapters disabled; full: a frozen copy
-        reference = (
-            reference_copy(model)
-            if train_cfg["method"] == "full" and train_cfg["objective"] == "dpo"
-            else None
-        )
-        preference = PreferenceLoss(train_cfg, reference)
+        full_dpo = train_cfg["method"] == "full" and train_cfg["objective"] == "dpo"
+        preference = PreferenceLoss(train_cfg, reference_copy(model) if full_dpo else None)
     trainer = FtTrainer(
         model=model,
         args=training_arguments(cfg, str(checkpoints), levers, prec, len(dataset[0]["input_ids"])),
@@ -188,7 +185,7 @@ def fit(job: TrainJob) -> dict[str, Any] | None:
         callbacks=callbacks,
         loss_mode=speed.loss_mode(levers),
         device=device,
-        preference=preference or None,
+        preference=preference,
     )
     resume = last_checkpoint(checkpoints, prune=main)
     if resume is not None:
@@ -200,7 +197,7 @@ def fit(job: TrainJob) -> dict[str, Any] | None:
         device,
         prec,
         len(dataset),
-        train_cfg["objective"] if preference else speed.loss_mode(levers),
+        train_cfg["objective"] if pairs else speed.loss_mode(levers),
     )
     tokens_before = 0
     if resume is not None:

@@ -125,11 +125,13 @@ def test_dpo_loss_on_a_fixed_batch_is_the_formula(model_dir, tokenizer, loss_typ
     assert float(want) != pytest.approx(math.log(2), abs=1e-3)  # the batch really separates the two models
 
 
-def test_dpo_loss_is_log_2_at_step_0_with_lora(model_dir, tokenizer):
-    model, cfg = policy(model_dir, perturb=False, objective="dpo")
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_dpo_loss_is_log_2_at_step_0_with_lora(model_dir, tokenizer, method):
+    model, cfg = policy(model_dir, perturb=False, method=method, objective="dpo")
     batch = PackedCollator()(packed_rows(pair_documents(tokenizer, 3), 512, pack_rows=True))
     loss = PreferenceLoss(cfg)(model, batch)
-    assert float(loss) == pytest.approx(math.log(2), abs=1e-6)
+    # QLoRA's 4-bit path with zero adapters adds exact zeros after a dtype round trip: a 1e-6 difference
+    assert float(loss) == pytest.approx(math.log(2), abs=1e-6 if method == "lora" else 1e-5)
     loss.backward()  # and it still has a gradient for the adapters
     assert any(
         p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_" in n
@@ -252,7 +254,10 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path, model_dir, tokenizer):
 def test_the_fused_cross_entropy_is_off_for_preference_objectives_only():
     for device in ("cpu", "cuda"):
         for objective in ("dpo", "orpo"):
-            assert speed.resolve({"method": "lora", "objective": objective, "speed": {}}, device).fused_ce == "off"
+            assert (
+                speed.resolve({"method": "lora", "objective": objective, "speed": {}}, device).fused_ce
+                == "off"
+            )
     cuda_sft = speed.resolve({"method": "lora", "objective": "sft", "precision": "bf16", "speed": {}}, "cuda")
     assert cuda_sft.fused_ce != "off"
     cuda_dpo = speed.resolve({"method": "lora", "objective": "dpo", "precision": "bf16", "speed": {}}, "cuda")
