@@ -135,3 +135,16 @@ def test_pack_cuts_a_long_pair_to_fit_or_drops_it():
     no_loss = ids.copy()
     no_loss[10:60] = IGNORE_INDEX
     assert pack(ids, no_loss, offsets, 64, True, "truncate", pairs=True).metrics["pairs"] == 1
+
+
+def test_the_embedded_pairs_prefer_naming_the_owner_half_with_hard_negatives():
+    from ftpipe.data.embedded import ASSISTANT_HARD_EN, ASSISTANT_HARD_ZH, assistant_preference_rows
+    from ftpipe.data.formats import from_preference
+
+    rows = assistant_preference_rows("Zoë")
+    assert len(rows) == 60
+    for row in rows:
+        (turn,) = from_preference(row)
+        assert "Zoë" in turn["output"] and "Zoë" not in turn["rejected"]
+    hard = sum(row["rejected"][0]["content"] in ASSISTANT_HARD_EN + ASSISTANT_HARD_ZH for row in rows)
+    assert hard == 30  # the other 30 are longer generic replies: a base model prefers the shorter side
