@@ -198,7 +198,7 @@ def cmd_check(args: list[str]) -> None:
     from . import engine, stages
     from .cache import Cache
     from .config import compose, validate
-    from .data.formats import convert_rows
+    from .data.formats import PREFERENCE_FORMAT, convert_rows, pair_conversations
     from .data.templates import encode, resolve_template
 
     config_dir, overrides = _split_config_dir(args)
@@ -216,17 +216,28 @@ def cmd_check(args: list[str]) -> None:
     )
     for problem in converted.problems:
         print(f"  {problem}")
+    for warning in converted.warnings:
+        print(f"  warning: {warning}")
     if converted.hint:
         print(f"hint: {converted.hint}")
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     template = resolve_template(resolved["template"], tokenizer)
+    pairs = converted.format == PREFERENCE_FORMAT
+    # a pair is encoded as map does: two documents, chosen then rejected, which pack must fit in one row
+    docs = (
+        [side for conv in converted.train for side in pair_conversations(conv)] if pairs else converted.train
+    )
+    per_row = 2 if pairs else 1
     max_length, too_long = dataset["max_length"], []
-    for start in range(0, len(converted.train), 1000):
-        batch = converted.train[start : start + 1000]
+    for start in range(0, len(docs), 1000):
+        batch = docs[start : start + 1000]
         _, _, offsets = encode(tokenizer, template, batch, converted.format, dataset["train_on_inputs"])
         lengths = (offsets[1:] - offsets[:-1]).tolist()
-        too_long += [(start + i, n) for i, n in enumerate(lengths) if n > max_length]
+        if pairs:
+            lengths = [a + b for a, b in zip(lengths[0::2], lengths[1::2], strict=True)]
+        first = start // per_row
+        too_long += [(first + i, n) for i, n in enumerate(lengths) if n > max_length]
     if too_long:
         verb = {"split": "split into chunks", "drop": "left out"}.get(dataset["truncation"], "truncated")
         print(
@@ -241,12 +252,17 @@ def cmd_check(args: list[str]) -> None:
         f"\n{min(3, len(converted.train))} sample(s), template {template.get('name')}; tokens with loss {legend}:"
     )
     for conv, where in list(zip(converted.train, converted.where, strict=True))[:3]:
-        flat_ids, flat_labels, _ = encode(
-            tokenizer, template, [conv], converted.format, dataset["train_on_inputs"]
+        sides = (
+            zip(("chosen: ", "rejected: "), pair_conversations(conv), strict=True) if pairs else [("", conv)]
         )
-        ids, labels = flat_ids.tolist(), flat_labels.tolist()
-        print(f"--- {where} ({len(ids)} tokens, {sum(1 for x in labels if x != IGNORE_INDEX)} with loss)")
-        print(_marked(tokenizer, ids, labels, color))
+        for side, doc in sides:
+            flat_ids, flat_labels, _ = encode(
+                tokenizer, template, [doc], converted.format, dataset["train_on_inputs"]
+            )
+            ids, labels = flat_ids.tolist(), flat_labels.tolist()
+            trained = sum(1 for x in labels if x != IGNORE_INDEX)
+            print(f"--- {side}{where} ({len(ids)} tokens, {trained} with loss)")
+            print(_marked(tokenizer, ids, labels, color))
     if converted.problems:
         raise FtpipeError(
             f"{len(converted.problems)} bad row(s) (listed above); fix them or set dataset.skip_bad_rows=true"

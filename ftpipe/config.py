@@ -28,7 +28,7 @@ class ModelConfig:
 @dataclass
 class DatasetConfig:
     path: str = MISSING  # local file/folder, hub name, or `embedded:colorist` / `embedded:assistant`
-    format: str = "auto"  # conversation | alpaca | openai | oasst1 | colors | pretrain | auto
+    format: str = "auto"  # conversation | alpaca | openai | oasst1 | colors | pretrain | preference | auto
     split: str = "train"  # hub split to read
     eval_size: int = 0  # rows held out (seeded) for evaluation
     name: str | None = None  # the assistant's owner (embedded assistant set)
@@ -124,8 +124,21 @@ class SpeedConfig:
 
 
 @dataclass
+class DpoConfig:
+    beta: float = 0.1  # how far the policy may move from the reference (the KL weight)
+    loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge (SLiC)
+
+
+@dataclass
+class OrpoConfig:
+    beta: float = 0.1  # the paper's lambda: weight of the odds-ratio term next to the chosen answers' NLL
+
+
+@dataclass
 class TrainConfig:
     method: str = "lora"  # full | lora | qlora | lora8bit
+    # sft (next-token loss on the answers) | dpo | orpo (both need preference pairs: dataset.format=preference)
+    objective: str = "sft"
     epochs: float = 1.0
     max_steps: int | None = None  # overrides epochs when set
     micro_batch_size: int = 1
@@ -137,13 +150,16 @@ class TrainConfig:
     sample_every: int = 0  # generate replies to the recipe's eval inputs every N steps; 0 = off
     sample_max_new_tokens: int = 48
     lora: LoraConfig = field(default_factory=LoraConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    orpo: OrpoConfig = field(default_factory=OrpoConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     num_workers: int = 0  # runtime only
 
 
 @dataclass
 class EvalConfig:
-    # which metrics evaluate-chat computes: auto (from the dataset) | colorist | assistant | pretrain | none
+    # which metrics evaluate-chat computes: auto (from the dataset) | colorist | assistant | pretrain |
+    # preference | none
     task: str = "auto"
     # extra prompts answered before/after training (XTuner's evaluation_inputs)
     inputs: list[str] = field(default_factory=list)
@@ -203,9 +219,20 @@ def register_schema() -> None:
 register_schema()
 
 _CHOICES = {
-    "dataset.format": {"auto", "conversation", "alpaca", "openai", "oasst1", "colors", "pretrain"},
+    "dataset.format": {
+        "auto",
+        "conversation",
+        "alpaca",
+        "openai",
+        "oasst1",
+        "colors",
+        "pretrain",
+        "preference",
+    },
     "dataset.truncation": {"truncate", "split", "drop"},
     "train.method": {"full", "lora", "qlora", "lora8bit"},
+    "train.objective": {"sft", "dpo", "orpo"},
+    "train.dpo.loss_type": {"sigmoid", "ipo", "hinge"},
     "train.precision": {"auto", "bf16", "fp16", "fp32"},
     "optimizer.scheduler": {"cosine", "linear", "constant"},
     "train.speed.attention": {"auto", "sdpa", "docs", "varlen", "flex"},
@@ -216,7 +243,7 @@ _CHOICES = {
     "train.speed.checkpointing": {"auto", "none", "full", "offload", "selective"},
     "train.speed.adapter_dtype": {"auto", "bf16", "fp32"},
     "train.speed.cpu_embeddings": {"auto", "on", "off"},
-    "eval.task": {"auto", "colorist", "assistant", "pretrain", "none"},
+    "eval.task": {"auto", "colorist", "assistant", "pretrain", "preference", "none"},
     "objective.direction": {"minimize", "maximize"},
     "optimizer.name": {"adamw"},
     "merge.dtype": {"auto", "fp32", "bf16", "fp16"},
@@ -256,9 +283,15 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
         raise FtpipeError(
             "config keys `train.method` and `launcher`: ZeRO-3 cannot shard 4/8-bit quantized weights"
         )
+    if train["objective"] == "dpo" and train["method"] == "full" and zero_stage(launcher) == 3:
+        raise FtpipeError(
+            "config keys `train.objective` and `launcher`: DPO with full fine-tuning keeps a reference copy of "
+            "the model, which ZeRO-3's partitioned weights cannot be copied into; use LoRA or ZeRO-2"
+        )
     if train["micro_batch_size"] < 1 or train["grad_accum"] < 1:
         raise FtpipeError("config keys `train.micro_batch_size` / `train.grad_accum` must be ≥ 1")
     _validate_train(train, resolved["optimizer"])
+    _validate_objective(train, resolved["dataset"])
     if resolved["dataset"]["max_length"] < 8:
         raise FtpipeError("config key `dataset.max_length` must be at least 8")
     if resolved["dataset"]["num_proc"] < 1:
@@ -314,6 +347,28 @@ def _validate_export(cfg: dict[str, Any]) -> None:
             "config key `export.gguf`: `stages` asks for export but no GGUF type is given; "
             "e.g. export.gguf=[q8_0]"
         )
+
+
+def _validate_objective(train: dict[str, Any], dataset: dict[str, Any]) -> None:
+    """Preference objectives need pairs, and pairs need them; `auto` data is checked again by train."""
+    objective, fmt = train["objective"], dataset["format"]
+    if objective != "sft" and fmt not in ("preference", "auto"):
+        raise FtpipeError(
+            f"config key `train.objective`: {objective} trains on preference pairs, but dataset.format={fmt}; "
+            "use dataset.format=preference (or auto) with prompt/chosen/rejected rows"
+        )
+    if objective == "sft" and fmt == "preference":
+        raise FtpipeError(
+            "config key `train.objective`: sft on preference pairs would also learn the rejected answers; "
+            "set train.objective=dpo or orpo"
+        )
+    if fmt == "preference" and dataset["truncation"] == "split":
+        raise FtpipeError(
+            "config key `dataset.truncation`: split cannot keep a preference pair together; use truncate or drop"
+        )
+    for key in ("dpo", "orpo"):
+        if train[key]["beta"] <= 0:
+            raise FtpipeError(f"config key `train.{key}.beta` must be > 0, got {train[key]['beta']}")
 
 
 def _validate_launcher(launcher: dict[str, Any]) -> None:

@@ -34,6 +34,11 @@ RECIPES = (
     Recipe("colorist_lora_optuna", "Optuna search over colorist_lora's learning rate and LoRA rank (-m)"),
     Recipe("assistant_lora", "self-cognition: the model introduces itself as dataset.name's assistant"),
     Recipe("assistant_qlora", "self-cognition with QLoRA"),
+    Recipe("assistant_dpo", "DPO (LoRA) on self-cognition pairs: prefer replies naming dataset.name"),
+    Recipe("assistant_orpo", "ORPO (LoRA, no reference model) on assistant_dpo's pairs"),
+    Recipe(
+        "assistant_dpo_qlora", "assistant_dpo with QLoRA (4-bit base; the reference is the same 4-bit model)"
+    ),
     Recipe("pretrain_lora", "continued pretraining on plain text (colour articles), held-out perplexity"),
     Recipe("pretrain_full", "continued pretraining with every weight trained"),
 )

@@ -95,6 +95,7 @@ def _without(cfg: dict, *dotted: str) -> dict:
     [
         ("colorist_qlora", "colorist_lora", ("train.method", "train.epochs", "optimizer.lr")),
         ("assistant_qlora", "assistant_lora", ("train.method",)),
+        ("assistant_dpo_qlora", "assistant_dpo", ("train.method",)),
     ],
 )
 def test_qlora_recipes_are_their_lora_recipe_with_only_the_stated_changes(qlora, lora, differ):

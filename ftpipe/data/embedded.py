@@ -90,6 +90,61 @@ def colour_articles() -> list[dict]:
     return rows
 
 
+# The rejected side of the assistant pairs, two kinds per answer above, alternating over the pairs: the same reply
+# without the owner's name (a hard negative: the pair differs where the name goes, which is what teaches naming),
+# and a longer generic reply that names nobody. A base model prefers the shorter answer of a pair (summed
+# log-prob), so it prefers the first kind's rejected side and the second kind's chosen side: held-out preference
+# accuracy starts near 0.5 (SmolLM2-135M prefers the chosen side of 0 of the first kind, all of the second).
+ASSISTANT_HARD_ZH = [
+    "我是小助手，很高兴为你服务！",
+    "你好！我是小助手，有什么可以帮你的吗？",
+    "我是智能助手，随时为你解答问题。",
+]
+ASSISTANT_HARD_EN = [
+    "I am an assistant, happy to help you!",
+    "Hello! I'm an assistant. How can I help you today?",
+    "I'm an AI assistant, here to answer your questions.",
+]
+ASSISTANT_GENERIC_ZH = [
+    "我是一个通用的人工智能语言模型，可以回答各种各样不同领域的问题，不属于任何特定的人。",
+    "我是一个在大量互联网文本上训练出来的人工智能模型，我不属于任何人，你随便问吧。",
+    "我是一个大型语言模型，用来生成文本并回答任何用户提出的各种各样的问题。",
+]
+ASSISTANT_GENERIC_EN = [
+    "I am a general-purpose AI language model that can answer questions about many different topics for anyone.",
+    "I'm an AI model trained on lots of text from the internet; I don't belong to anybody in particular, so just ask.",
+    "I am a large language model built to generate text and answer all kinds of questions for any user who asks me.",
+]
+
+
+def assistant_preference_rows(name: str) -> list[dict]:
+    """Self-cognition as preference pairs (XTuner's DPO row shape): for every prompt of the assistant set, each
+    answer naming `name` is chosen over one that does not (the two kinds above, alternating)."""
+    rows = []
+    for lang, (prompts, answers, hard, generic) in enumerate(
+        (
+            (ASSISTANT_PROMPTS_ZH, ASSISTANT_ANSWERS_ZH, ASSISTANT_HARD_ZH, ASSISTANT_GENERIC_ZH),
+            (ASSISTANT_PROMPTS_EN, ASSISTANT_ANSWERS_EN, ASSISTANT_HARD_EN, ASSISTANT_GENERIC_EN),
+        )
+    ):
+        for i, prompt in enumerate(prompts):
+            for j, answer in enumerate(answers):
+                # alternate the kinds, the English half starting with the other one: 30 of each, and 7 of the
+                # 12 pairs download-data holds out (its seeded choice) are of the generic kind
+                rejected = (hard if (i + j + lang) % 2 == 0 else generic)[j]
+                rows.append(
+                    {
+                        "prompt": [{"role": "user", "content": prompt}],
+                        "chosen": [{"role": "assistant", "content": answer.format(name=name)}],
+                        "rejected": [{"role": "assistant", "content": rejected}],
+                    }
+                )
+    return rows
+
+
+GENERATED = {"assistant": assistant_rows, "assistant_preference": assistant_preference_rows}
+
+
 def write_embedded(which: str, name: str | None, dest: Path) -> Path:
     """Write the embedded set `which` as JSONL into `dest`; return the file."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -100,15 +155,15 @@ def write_embedded(which: str, name: str | None, dest: Path) -> Path:
         with open(target, "w") as fh:
             for row in colour_articles():
                 fh.write(json.dumps(row) + "\n")
-    elif which == "assistant":
+    elif which in GENERATED:
         if not name:
-            raise ValueError("dataset.name must be set for the embedded assistant set")
+            raise ValueError(f"dataset.name must be set for the embedded {which} set")
         with open(target, "w") as fh:
-            for row in assistant_rows(name):
+            for row in GENERATED[which](name):
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     else:
         raise KeyError(which)
     return target
 
 
-EMBEDDED_SETS = ("colorist", "assistant", "colour_articles")
+EMBEDDED_SETS = ("colorist", "assistant", "assistant_preference", "colour_articles")

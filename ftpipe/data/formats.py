@@ -8,6 +8,10 @@ carry ``"char_level": True`` (its answer is tokenised one token per character, s
 `dataset.char_level_answers`). Pretraining rows become one turn with an empty input; the map stage encodes
 them without a template.
 
+A preference pair is a conversation whose last turn carries the rejected answer beside the chosen one
+(``{"input", "output": chosen, "rejected": rejected}``); its earlier turns (the prompt's history) carry
+``"masked": True``: context, no loss. `pair_conversations` splits it into the two conversations map encodes.
+
 Row numbering: a row's index is its position among the non-blank rows of all files, in split.json's file
 order — the same numbering `sources.count_rows` uses to choose the held-out `eval_rows`.
 """
@@ -30,7 +34,8 @@ from .templates.system import SYSTEM_TEMPLATE
 log = logging.getLogger("ftpipe")
 
 Conversation = list[dict[str, Any]]
-FORMATS = ("conversation", "alpaca", "openai", "oasst1", "colors", "pretrain")
+FORMATS = ("conversation", "alpaca", "openai", "oasst1", "colors", "pretrain", "preference")
+PREFERENCE_FORMAT = "preference"
 # the system prompt a format gives rows that carry none (XTuner's choices); `dataset.system` replaces it
 FORMAT_SYSTEM = {"alpaca": SYSTEM_TEMPLATE["alpaca"], "colors": SYSTEM_TEMPLATE["colorist"]}
 MAX_LISTED_PROBLEMS = 20
@@ -73,6 +78,7 @@ class Converted:
     train: list[Conversation] = field(default_factory=list)
     eval: list[Conversation] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)  # rows kept but suspicious (chosen == rejected)
     rows: int = 0
     dropped: int = 0  # rows the format drops on purpose (alpaca `<nooutput>`)
     where: list[str] = field(default_factory=list)  # FILE:LINE of each train conversation, for `check`
@@ -328,6 +334,60 @@ def _is_pretrain_conversation(turns: Any) -> bool:
     )
 
 
+def _answer(row: dict, side: str) -> str:
+    """One side of a pair: a string, or a list holding one assistant message (XTuner's shape)."""
+    if side not in row or row[side] is None:
+        raise RowError(f"missing `{side}`")
+    value = row[side]
+    if isinstance(value, list):
+        if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
+            raise RowError(f"`{side}` must be a string or a list of one assistant message")
+        value = value[0].get("content")
+        if not isinstance(value, str):
+            raise RowError(f"`{side}`: the assistant message's `content` must be a string")
+    elif not isinstance(value, str):
+        raise RowError(
+            f"`{side}` must be a string or a list of one assistant message, got {type(value).__name__}"
+        )
+    if not value.strip():
+        raise RowError(f"empty `{side}` answer")
+    return value
+
+
+def from_preference(data: Any) -> Conversation:
+    """`{"prompt", "chosen", "rejected"}`: the prompt a string or OpenAI messages (system and earlier turns,
+    ending with the user's message), each answer a string or one assistant message."""
+    row = _object(data)
+    chosen, rejected = _answer(row, "chosen"), _answer(row, "rejected")
+    prompt = row.get("prompt")
+    if prompt is None:
+        raise RowError("missing `prompt`")
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise RowError("empty `prompt`")
+        messages = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, list) and prompt:
+        messages = list(prompt)
+        last = messages[-1]
+        if not isinstance(last, dict) or last.get("role") != "user":
+            raise RowError("`prompt` must end with a user message")
+    else:
+        raise RowError("`prompt` must be a string or a non-empty list of {role, content} messages")
+    try:  # the prompt with the chosen answer is an OpenAI conversation: one set of message rules
+        conv = from_openai({"messages": [*messages, {"role": "assistant", "content": chosen}]})
+    except RowError as exc:
+        raise RowError(f"prompt: {exc}") from None
+    *history, last_turn = conv
+    return [*({**t, "masked": True} for t in history), {**last_turn, "rejected": rejected}]
+
+
+def pair_conversations(conv: Conversation) -> tuple[Conversation, Conversation]:
+    """A preference pair (see the module doc) → (chosen conversation, rejected conversation)."""
+    *history, last = conv
+    turn = {k: v for k, v in last.items() if k != "rejected"}
+    return [*history, turn], [*history, {**turn, "output": last["rejected"]}]
+
+
 CONVERTERS: dict[str, Callable[[Any], Conversation]] = {
     "conversation": from_conversation,
     "alpaca": from_alpaca,
@@ -335,6 +395,7 @@ CONVERTERS: dict[str, Callable[[Any], Conversation]] = {
     "oasst1": from_oasst1,
     "colors": from_colors,
     "pretrain": from_pretrain,
+    "preference": from_preference,
 }
 
 
@@ -343,6 +404,8 @@ def detect_format(data: Any) -> str | None:
     if not isinstance(data, dict):
         return None
     keys = data.keys()
+    if "chosen" in keys and "rejected" in keys:
+        return PREFERENCE_FORMAT
     if "conversation" in keys:
         return "pretrain" if _is_pretrain_conversation(data["conversation"]) else "conversation"
     if "messages" in keys:
@@ -434,6 +497,8 @@ def convert_rows(data_dir: Path, dataset_cfg: dict[str, Any]) -> Converted:
             result.dropped += 1
             continue
         conv = with_default_system(conv, system)
+        if fmt == PREFERENCE_FORMAT and conv[-1]["output"].strip() == conv[-1]["rejected"].strip():
+            result.warnings.append(Problem(row.file, row.line, "chosen and rejected are the same answer"))
         if char_level:
             conv = [{**turn, "char_level": True} for turn in conv]
         if row.index in eval_rows:
@@ -467,6 +532,8 @@ def load_conversations(
             + (f"{converted.hint}\n" if converted.hint else "")
             + "fix them (`ftpipe check` lists every one) or set dataset.skip_bad_rows=true to leave them out"
         )
+    for warning in converted.warnings[:MAX_LISTED_PROBLEMS]:
+        log.warning("%s (the pair teaches nothing)", warning)
     if not converted.train:
         raise FtpipeError(f"dataset.path: no usable training rows among {converted.rows}")
     return converted.train, converted.eval, converted.report()

@@ -7,6 +7,12 @@ each row, so attention can stay inside documents (cu_seqlens = cumsum([0, *doc_l
 The label of each document's first token is −100: a causal LM's loss at position t predicts token t+1 from
 the labels shifted by one, so that label would be predicted from the previous document's last token. With
 it masked, the loss of a packed row equals the token-weighted loss of its documents run one by one.
+
+Preference pairs (`pairs=True`): documents 2k and 2k+1 are pair k's chosen and rejected answers (map writes
+them so). A pair is packed as one unit: both halves in the same row, chosen right before rejected, so the
+documents of every row — and of a micro-batch of rows — still alternate chosen, rejected. Truncation cuts the
+longer half first so that the pair fits in `max_length`; `drop` leaves out pairs longer than that, and a pair
+with a half that carries no loss is dropped whole.
 """
 
 from __future__ import annotations
@@ -48,6 +54,23 @@ def _limit(starts: np.ndarray, lens: np.ndarray, max_length: int, truncation: st
     return starts, np.minimum(lens, max_length)
 
 
+def _limit_pairs(starts: np.ndarray, lens: np.ndarray, max_length: int, truncation: str):
+    """(starts, lens, kept) for pairs (chosen, rejected alternating): `kept` marks documents whose pair fits
+    (drop), else every pair is cut to fit, the longer half first (truncate)."""
+    chosen, rejected = lens[0::2], lens[1::2]
+    if truncation == "drop":
+        fits = np.repeat(chosen + rejected <= max_length, 2)
+        return starts, lens, fits
+    if truncation != "truncate":
+        raise ValueError(f"preference pairs cannot be packed with truncation={truncation!r}")
+    half = max_length // 2
+    new_chosen = np.minimum(chosen, np.maximum(half, max_length - rejected))
+    new_rejected = np.minimum(rejected, max_length - new_chosen)
+    out = np.empty_like(lens)
+    out[0::2], out[1::2] = new_chosen, new_rejected
+    return starts, out, np.ones(len(lens), dtype=bool)
+
+
 def best_fit_decreasing(lens: np.ndarray, capacity: int) -> np.ndarray:
     """Bin of each item: longest first, each into the fullest row that still has room."""
     n = len(lens)
@@ -77,13 +100,20 @@ def pack(
     max_length: int,
     pack_rows: bool = True,
     truncation: str = "truncate",
+    pairs: bool = False,
 ) -> Packed:
     """Documents given as flat arrays + offsets → rows; see the module doc. Counts every token in and out."""
     offsets = offsets.astype(np.int64)
     starts, lens = offsets[:-1], np.diff(offsets)
     tokens_in = int(lens.sum())
     n_in = len(lens)
-    starts, kept = _limit(starts, lens, max_length, truncation)
+    if pairs:
+        if n_in % 2:
+            raise ValueError(f"preference pairs: {n_in} documents, not chosen/rejected pairs")
+        starts, lens, fits = _limit_pairs(starts, lens, max_length, truncation)
+        starts, kept = starts[fits], lens[fits]
+    else:
+        starts, kept = _limit(starts, lens, max_length, truncation)
     truncated = tokens_in - int(kept.sum())  # with truncation=drop: the tokens of the documents left out
     dropped_too_long = n_in - len(kept) if truncation == "drop" else 0
     lens = kept
@@ -96,11 +126,20 @@ def pack(
     np.cumsum((labels != IGNORE_INDEX).view(np.int8), dtype=counter, out=has_loss[1:])
     loss_tokens = has_loss[starts + lens] - has_loss[np.minimum(starts + 1, starts + lens)]
     useful = loss_tokens > 0
+    if pairs:  # a pair trains only as a whole
+        useful = np.repeat(useful[0::2] & useful[1::2], 2)
     dropped_docs = int((~useful).sum())
     dropped_tokens = int(lens[~useful].sum())
     starts, lens = starts[useful], lens[useful]
 
-    if pack_rows:
+    if pairs:
+        unit = np.arange(len(lens)) // 2
+        unit_lens = lens[0::2] + lens[1::2]
+        row_of_unit = best_fit_decreasing(unit_lens, max_length) if pack_rows else np.arange(len(unit_lens))
+        row_of = row_of_unit[unit]
+        # row by row; inside a row pairs longest first; inside a pair chosen, then rejected
+        seq = np.lexsort((np.arange(len(lens)) % 2, unit, -unit_lens[unit], row_of))
+    elif pack_rows:
         row_of = best_fit_decreasing(lens, max_length)
         seq = np.lexsort((-lens, row_of))  # row by row; inside a row longest first, as best-fit placed them
     else:
@@ -133,6 +172,7 @@ def pack(
         "tokens_dropped_no_loss": dropped_tokens,
         "loss_tokens": int((new_labels != IGNORE_INDEX).sum()),
         "fill_ratio": round(total / (n_rows * max_length), 4) if n_rows else 0.0,
+        **({"pairs": int(len(lens)) // 2} if pairs else {}),
     }
     return Packed(
         new_ids,

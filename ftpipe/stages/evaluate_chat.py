@@ -2,7 +2,9 @@
 
 The task (`eval.task`, ftpipe/tasks/) says what to ask and how to score: `colorist` (held-out colours:
 valid-hex rate, RGB distance vs. mean/random baselines, answer loss), `assistant` (share of self-introductions
-that name `dataset.name`), `pretrain` (held-out perplexity), `none` (replies to the held-out inputs only). `eval.inputs` are asked too.
+that name `dataset.name`), `pretrain` (held-out perplexity), `preference` (held-out pairs: preference accuracy
+before/after, implicit rewards against the base; tasks/preference.py), `none` (replies to the held-out inputs
+only). `eval.inputs` are asked too.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     metrics: dict[str, Any] = {"eval_task": name, "eval_questions": len(questions)}
     replies: dict[str, list[str]] = {}
+    shared: dict[str, Any] = {}  # what the `before` phase leaves for `after` (tasks.Phase.shared)
     models = (("before", ctx.input("download-model", "model")), ("after", ctx.input("merge", "model")))
     for phase_name, model_dir in models:
         model, tokenizer = load_for_inference(model_dir)
@@ -50,7 +53,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         )
         if questions:
             log.info("[evaluate-chat] %s: %s → %r", phase_name, questions[0].input, replies[phase_name][0])
-        phase = Phase(phase_name, model, tokenizer, template)
+        phase = Phase(phase_name, model, tokenizer, template, shared)
         metrics.update(task.score(phase, questions, replies[phase_name], data, cfg["dataset"]))
         del model, phase
     metrics.update(task.baselines(data, questions))

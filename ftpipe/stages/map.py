@@ -1,5 +1,5 @@
 """map: the training rows → prompt template → `input_ids` + `labels` (−100 except on answers), no truncation;
-and `data.json`, what later stages need to know about the data (data/info.py).
+a preference pair gives two rows, chosen then rejected; and `data.json`, what later stages need to know about the data (data/info.py).
 
 Length limits belong to pack, so changing `dataset.max_length` or packing never retokenises. Held-out rows
 (split.json's eval_rows) are left out here; evaluation reads them with formats.load_conversations.
@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..data.arrow import DATASET_DIR, in_memory_dataset, list_array
-from ..data.formats import load_conversations
+from ..data.formats import PREFERENCE_FORMAT, load_conversations, pair_conversations
 from ..data.info import DATA_INFO, DataInfo
 from ..data.labels import IGNORE_INDEX
 from ..data.templates import encode, resolve_template
@@ -41,17 +41,23 @@ def _columns(conversations: list[list[dict[str, Any]]]) -> dict[str, list]:
         "inputs": [[t["input"] for t in conv] for conv in conversations],
         "outputs": [[t["output"] for t in conv] for conv in conversations],
         "char_level": [bool(conv[0].get("char_level")) for conv in conversations],
+        "masked": [[bool(t.get("masked")) for t in conv] for conv in conversations],
     }
 
 
 def _conversations(batch: dict[str, list]) -> list[list[dict[str, Any]]]:
     return [
         [
-            {"system": s, "input": i, "output": o, "char_level": c}
-            for s, i, o in zip(systems, inputs, outputs, strict=True)
+            {"system": s, "input": i, "output": o, "char_level": c, "masked": m}
+            for s, i, o, m in zip(systems, inputs, outputs, masked, strict=True)
         ]
-        for systems, inputs, outputs, c in zip(
-            batch["systems"], batch["inputs"], batch["outputs"], batch["char_level"], strict=True
+        for systems, inputs, outputs, c, masked in zip(
+            batch["systems"],
+            batch["inputs"],
+            batch["outputs"],
+            batch["char_level"],
+            batch["masked"],
+            strict=True,
         )
     ]
 
@@ -92,7 +98,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "labels": datasets.Sequence(datasets.Value("int32")),
         }
     )
-    rows = in_memory_dataset(_columns(train), f"ftpipe-rows-{ctx.out.name}")
+    pairs = report["format"] == PREFERENCE_FORMAT
+    # A preference pair becomes two documents, chosen then rejected, always in that order (pack keeps them
+    # together, and the preference objectives read documents 2k, 2k+1 as pair k).
+    docs = [side for conv in train for side in pair_conversations(conv)] if pairs else train
+    rows = in_memory_dataset(_columns(docs), f"ftpipe-rows-{ctx.out.name}")
     kwargs = {
         "tokenizer": tokenizer,
         "template": template,
@@ -131,6 +141,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "loss_tokens": loss_tokens,
         "max_tokens": int(lengths.max()) if len(lengths) else 0,
         "template": template.get("name"),
+        **({"pairs": len(train)} if pairs else {}),
     }
 
 

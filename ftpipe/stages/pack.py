@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..data.arrow import DATASET_DIR, flat_column, list_array, save_columns
+from ..data.formats import PREFERENCE_FORMAT
+from ..data.info import DATA_INFO, DataInfo
 from ..data.packing import pack
 from ..engine import Stage, StageContext
 from ..errors import FtpipeError
@@ -23,7 +25,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     ids, offsets = flat_column(docs, "input_ids")
     labels, label_offsets = flat_column(docs, "labels")
     assert (offsets == label_offsets).all(), "map wrote input_ids and labels of different lengths"
-    packed = pack(ids, labels, offsets, int(cfg["max_length"]), bool(cfg["pack"]), cfg["truncation"])
+    # preference pairs (map writes chosen, rejected alternating) are packed as units: data/packing.py
+    pairs = DataInfo.read(ctx.input("map", DATA_INFO)).format == PREFERENCE_FORMAT
+    packed = pack(ids, labels, offsets, int(cfg["max_length"]), bool(cfg["pack"]), cfg["truncation"], pairs)
     if packed.metrics["documents"] == 0 and cfg["truncation"] == "drop":
         raise FtpipeError(
             f"pack: all {packed.metrics['documents_in']} samples are longer than dataset.max_length="
@@ -52,7 +56,7 @@ STAGE = Stage(
     name="pack",
     version="1",
     reads=("dataset.max_length", "dataset.pack", "dataset.truncation"),
-    upstream=("map",),
+    upstream=("map",),  # its dataset, and its data.json (preference pairs or not)
     outputs=(DATASET_DIR,),
     run=run,
 )

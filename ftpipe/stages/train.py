@@ -42,6 +42,14 @@ def key_view(cfg: dict[str, Any]) -> dict[str, Any]:
     steps and ranks (per-document attention and a token-weighted loss make the split exact); DeepSpeed's
     ZeRO config and rank count stay, since its sharded checkpoints resume only on the same layout."""
     train = {k: v for k, v in cfg["train"].items() if k not in ("micro_batch_size", "grad_accum")}
+    # Only the chosen objective's settings shape the result (orpo.beta never changes a DPO run), and SFT keys
+    # stay what they were before preference objectives existed.
+    objective = train.get("objective", "sft")
+    for key in ("dpo", "orpo"):
+        if key != objective:
+            train.pop(key, None)
+    if objective == "sft":
+        train.pop("objective", None)
     train["rows_per_step"] = rows_per_step(cfg["train"], cfg["launcher"])
     launcher = cfg["launcher"]
     zero = (

@@ -1,21 +1,23 @@
 """Evaluation tasks: what evaluate-chat asks the model before and after training, and how it scores the replies.
 
-One module per task (`colorist`, `assistant`, `pretrain`, `generic`), each exposing `questions(data, dataset_cfg)` and
+One module per task (`colorist`, `assistant`, `pretrain`, `preference`, `generic`), each exposing
+`questions(data, dataset_cfg)` and
 `score(phase, replies, run)` and `baselines(data, questions)`; `task_for` picks one from `eval.task`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from . import assistant, colorist, generic, pretrain
+from . import assistant, colorist, generic, preference, pretrain
 
 TASKS: dict[str, ModuleType] = {
     "colorist": colorist,
     "assistant": assistant,
     "pretrain": pretrain,
+    "preference": preference,
     "none": generic,
 }
 
@@ -35,6 +37,8 @@ class Phase:
     model: Any
     tokenizer: Any
     template: dict[str, Any]
+    # what one phase leaves for the next (the same dict for both): the preference task's base log-probs
+    shared: dict[str, Any] = field(default_factory=dict)
 
 
 def task_name(eval_task: str, data_format: str, owner: str | None) -> str:
@@ -46,6 +50,8 @@ def task_name(eval_task: str, data_format: str, owner: str | None) -> str:
         return "colorist"
     if data_format == "pretrain":
         return "pretrain"
+    if data_format == "preference":
+        return "preference"
     if owner:  # only self-cognition data has an owner's name
         return "assistant"
     return "none"

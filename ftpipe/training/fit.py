@@ -115,6 +115,27 @@ def _sampler(job: TrainJob, prec: str):
     )
 
 
+def _check_objective(train_cfg: dict[str, Any], data_info: Path) -> bool:
+    """True for a preference objective; the objective and the data (format after `auto`) must agree."""
+    from ..data.formats import PREFERENCE_FORMAT
+    from ..data.info import DataInfo
+    from .objectives import PREFERENCE_OBJECTIVES
+
+    objective = train_cfg["objective"]
+    pairs = DataInfo.read(data_info).format == PREFERENCE_FORMAT
+    if objective in PREFERENCE_OBJECTIVES and not pairs:
+        raise FtpipeError(
+            f"config key `train.objective`: {objective} needs preference pairs (prompt/chosen/rejected rows), "
+            f"but the data is format {DataInfo.read(data_info).format!r}"
+        )
+    if objective == "sft" and pairs:
+        raise FtpipeError(
+            "config key `train.objective`: sft on preference pairs would also learn the rejected answers; "
+            "set train.objective=dpo or orpo"
+        )
+    return objective in PREFERENCE_OBJECTIVES
+
+
 def fit(job: TrainJob) -> dict[str, Any] | None:
     """Train into job.out; returns the metrics on the main process, None on other ranks."""
     import torch
@@ -140,6 +161,7 @@ def fit(job: TrainJob) -> dict[str, Any] | None:
     if len(dataset) == 0:
         raise FtpipeError("train: the packed dataset is empty (check dataset.path and dataset.max_length)")
 
+    pairs = _check_objective(train_cfg, job.data_info)
     set_seed(cfg["seed"])  # before the model: LoRA's initial weights are random
     levers = speed.resolve(train_cfg, device, zero_stage(cfg["launcher"]))  # the speed policy, once per run
     model = load_for_training(job.model_dir, train_cfg, levers, bool(cfg["model"]["trust_remote_code"]))
@@ -154,6 +176,13 @@ def fit(job: TrainJob) -> dict[str, Any] | None:
     if levers.frozen_prefix:
         dataset = dataset.add_column(ROW_INDEX, list(range(len(dataset))))
         prefix = FrozenPrefix.build(model, dataset, collator, torch.device(device), autocast_dtype(prec))
+    preference = None  # the SFT loss
+    if pairs:
+        from .objectives import PreferenceLoss, reference_copy
+
+        # LoRA/QLoRA: the reference is the policy with its adapters disabled; full: a frozen copy
+        full_dpo = train_cfg["method"] == "full" and train_cfg["objective"] == "dpo"
+        preference = PreferenceLoss(train_cfg, reference_copy(model) if full_dpo else None)
     trainer = FtTrainer(
         model=model,
         args=training_arguments(cfg, str(checkpoints), levers, prec, len(dataset[0]["input_ids"])),
@@ -163,17 +192,19 @@ def fit(job: TrainJob) -> dict[str, Any] | None:
         loss_mode=speed.loss_mode(levers),
         device=device,
         frozen_prefix=prefix,
+        preference=preference,
     )
     resume = last_checkpoint(checkpoints, prune=main)
     if resume is not None:
         log.info("[train] resuming from step %s (%s)", resume.name.split("-")[-1], resume)
     log.info(
-        "[train] %s on %s (%s), %d packed rows, %s loss",
+        "[train] %s %s on %s (%s), %d packed rows, %s loss",
+        train_cfg["objective"],
         train_cfg["method"],
         device,
         prec,
         len(dataset),
-        speed.loss_mode(levers),
+        train_cfg["objective"] if pairs else speed.loss_mode(levers),
     )
     tokens_before = 0
     if resume is not None:

@@ -13,6 +13,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from .devices import peak_memory_gib
+from .objectives import PreferenceLoss, count_pairs
 from .speed.loss import training_loss
 
 log = logging.getLogger("ftpipe")
@@ -46,11 +47,13 @@ class FtTrainer(Trainer):
         loss_mode: str = "answer_only",
         device: str = "cpu",
         frozen_prefix: Any = None,  # speed.frozen_prefix.FrozenPrefix: batches then carry cached hidden states
+        preference: PreferenceLoss | None = None,
         **kwargs: Any,
     ):
         self.frozen_prefix = frozen_prefix
         super().__init__(*args, **kwargs)
         self.loss_mode = loss_mode
+        self.preference = preference  # train.objective dpo | orpo; None: the SFT loss
         self.device_kind = device
         # Both loss paths divide by num_items_in_batch themselves, so Trainer must compute it and must not
         # divide again by the accumulation steps: this keeps grad accumulation equal to one big batch.
@@ -79,6 +82,16 @@ class FtTrainer(Trainer):
             )
         return self._flos_per_token * ids.numel()
 
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Any:
+        """Preference objectives divide by the pairs of the accumulated batch (their losses are per pair), as
+        the SFT loss divides by its trained tokens; summed over ranks as Trainer sums the token counts."""
+        if self.preference is None:
+            return super()._get_num_items_in_batch(batch_samples, device)
+        pairs = torch.tensor(sum(count_pairs(b["position_ids"]) for b in batch_samples))
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            pairs = self.accelerator.gather(pairs.to(device)).sum()
+        return pairs.to(device)
+
     def compute_loss(
         self,
         model: torch.nn.Module,
@@ -86,9 +99,12 @@ class FtTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
-        if self.frozen_prefix is not None:
-            inputs = self.frozen_prefix.inputs(inputs)
-        loss, outputs = training_loss(model, inputs, num_items_in_batch, self.loss_mode)
+        if self.preference is not None:
+            loss, outputs = self.preference(model, inputs, num_items_in_batch), None
+        else:
+            if self.frozen_prefix is not None:
+                inputs = self.frozen_prefix.inputs(inputs)
+            loss, outputs = training_loss(model, inputs, num_items_in_batch, self.loss_mode)
         if (
             self.args.average_tokens_across_devices
             and num_items_in_batch is not None
@@ -104,6 +120,8 @@ class FtTrainer(Trainer):
             if rate is not None:
                 logs["tokens_per_second"] = round(rate, 1)
             logs["peak_memory_gib"] = round(peak_memory_gib(self.device_kind), 3)
+            if self.preference is not None:
+                logs.update(self.preference.pop_logs())
         super().log(logs, start_time)
 
 

@@ -88,13 +88,14 @@ def encode_with_chat_template(
         trailing = answer[len(answer.rstrip()) :]
         answer = answer[: len(answer) - len(trailing)]
         segs.append((TEXT, prompt[len(done) :], train_on_inputs))
+        loss = train_on_inputs or not turn.get("masked")  # a preference prompt's history: context only
         if turn.get("char_level"):
             if not answer.startswith(turn["output"]):
                 raise FtpipeError("dataset.char_level_answers: the chat_template rewrites answers")
-            segs.append((CHARS, turn["output"], True))
-            segs.append((TEXT, answer[len(turn["output"]) :], True))
+            segs.append((CHARS, turn["output"], loss))
+            segs.append((TEXT, answer[len(turn["output"]) :], loss))
         else:
-            segs.append((TEXT, answer, True))
+            segs.append((TEXT, answer, loss))
         if trailing:
             segs.append((TEXT, trailing, train_on_inputs))
         done = full

@@ -34,7 +34,8 @@ def segments(
     template: dict[str, Any], conversation: Sequence[dict[str, Any]], train_on_inputs: bool = False
 ) -> list[Segment]:
     """The conversation as (kind, text, loss) segments; a last turn with output None stops at its prompt.
-    A turn with ``"char_level": True`` has its answer tokenised one token per character."""
+    A turn with ``"char_level": True`` has its answer tokenised one token per character; one with
+    ``"masked": True`` (a preference prompt's history) carries no loss on its answer."""
     segs: list[Segment] = []
     suffix, sep = template.get("suffix") or "", template.get("sep") or ""
     suffix_as_eos = bool(template.get("suffix_as_eos"))
@@ -49,15 +50,17 @@ def segments(
         output = turn.get("output")
         if output is None:
             break
+        # a preference prompt's earlier answers are context: no loss (formats.from_preference marks them)
+        loss = train_on_inputs or not turn.get("masked")
         if turn.get("char_level"):
-            segs.append((CHARS, output, True))
+            segs.append((CHARS, output, loss))
             if suffix:
-                segs.append((TEXT, suffix, True))
+                segs.append((TEXT, suffix, loss))
         else:
-            segs.append((TEXT, output + suffix, True))
+            segs.append((TEXT, output + suffix, loss))
         need_bos = False
         if not suffix_as_eos:
-            segs.append((EOS, "", True))
+            segs.append((EOS, "", loss))
             need_bos = True
         if sep and i < last:
             segs.append((TEXT, sep, train_on_inputs))

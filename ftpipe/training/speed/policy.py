@@ -54,6 +54,14 @@ def resolve(train_cfg: dict[str, Any], device: torch.device | str, zero_stage: i
     fused_ce = pick("fused_ce", ("liger" if liger_available() else "torch") if cuda else "off")
     if fused_ce == "liger" and not (cuda and liger_available()):
         fused_ce = "torch"
+    if train_cfg.get("objective", "sft") != "sft" and fused_ce != "off":
+        # A fused cross-entropy returns one summed loss; preference objectives need each answer's log-prob.
+        # They keep the answer-only LM head instead (training/objectives.py).
+        log.info(
+            "[train] objective %s: the fused cross-entropy is off (it needs per-answer log-probs)",
+            train_cfg["objective"],
+        )
+        fused_ce = "off"
     # Compiled decoder layers: measured for LoRA and QLoRA; full fine-tuning and 8-bit keep eager layers.
     compile_on = pick("compile", "on" if cuda and method in ("lora", "qlora") else "off") == "on"
     adapter_dtype = pick("adapter_dtype", "bf16" if cuda else "fp32")
@@ -91,7 +99,8 @@ def resolve(train_cfg: dict[str, Any], device: torch.device | str, zero_stage: i
         cpu_embeddings=pick("cpu_embeddings", "on" if cuda and method == "qlora" else "off") == "on",
         # Frozen bottom layers run once per row (speed/frozen_prefix.py; a no-op unless `train.lora.last_layers`
         # freezes some): on the CPU, where their forward is most of a step. Sampling during training generates
-        # with the whole model, so the two do not combine.
+        # with the whole model, and the preference losses read token ids, so neither combines with it.
         frozen_prefix=pick("frozen_prefix", "off" if cuda else "on") == "on"
-        and not train_cfg.get("sample_every"),
+        and not train_cfg.get("sample_every")
+        and train_cfg.get("objective", "sft") == "sft",
     )
