@@ -23,8 +23,11 @@ $(VENV)/.installed: pyproject.toml
 demo: setup  ## fine-tune SmolLM2-135M on colour names with LoRA, on the CPU, end to end
 	$(VENV)/bin/ftpipe +recipe=colorist_lora
 
+# Two workers of one thread each (a file's tests stay on one worker): on 2 cores this beats one worker of two
+# threads, and more threads than cores make torch's OpenMP threads spin against each other.
+TEST_WORKERS ?= 2
 test: setup  ## the default suite: tiny models, launchers, faults, one SmolLM2 run (~15 min on 2 cores; no network but PyPI)
-	$(VENV)/bin/pytest -q -m "not slow" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-full: setup $(VENV)/.installed-full  ## everything, adding the colorist demo run on SmolLM2 and llama.cpp (~9 min more)
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)

@@ -417,6 +417,10 @@ def _validate_train(train: dict[str, Any], optimizer: dict[str, Any]) -> None:
         raise FtpipeError(
             f"config key `train.lora.target_modules` must be 'all-linear' or a list of module names, got {targets!r}"
         )
+    if train["lora"]["last_layers"] is not None and train["lora"]["last_layers"] < 1:
+        raise FtpipeError(
+            f"config key `train.lora.last_layers` must be ≥ 1 or null, got {train['lora']['last_layers']}"
+        )
     if train["lora"]["r"] < 1:
         raise FtpipeError(f"config key `train.lora.r` must be ≥ 1, got {train['lora']['r']}")
     if optimizer["lr"] <= 0:

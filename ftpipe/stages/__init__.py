@@ -23,11 +23,12 @@ ALIASES = {"download": (download_model.STAGE.name, download_data.STAGE.name)}
 
 
 def requested(cfg: dict[str, Any]) -> list[str]:
-    """The stages asked for. export runs only when asked: named in `stages`, or given types (`export.gguf`)
-    by a run that makes a merged model."""
+    """The stages asked for. export runs only when asked: named in `stages`, or given types (`export.gguf`) by
+    a run of the whole chain (through evaluate-chat); `stages=[merge]` and the like stop where they say."""
     asked = list(cfg.get("stages") or [s.name for s in CHAIN if s is not export.STAGE])
     names = {name.replace("_", "-") for name in asked}
-    if (cfg.get("export") or {}).get("gguf") and "merge" in names and export.STAGE.name not in names:
+    whole = evaluate_chat.STAGE.name in names
+    if (cfg.get("export") or {}).get("gguf") and whole and export.STAGE.name not in names:
         asked.append(export.STAGE.name)
     return asked
 

@@ -44,12 +44,10 @@ def lora_config(train_cfg: dict[str, Any], model: torch.nn.Module):
 
     lora = train_cfg["lora"]
     targets, layers, last = lora["target_modules"], None, lora.get("last_layers")
-    if last is not None:
-        n_layers = model.config.num_hidden_layers
-        if not 1 <= last <= n_layers:
-            raise FtpipeError(
-                f"config key `train.lora.last_layers` must be in 1..{n_layers} for this model, got {last}"
-            )
+    n_layers = model.config.num_hidden_layers
+    if (
+        last is not None and last < n_layers
+    ):  # as many or more: every layer (a recipe tuned on a deeper model)
         layers = list(range(n_layers - last, n_layers))
         if targets == "all-linear":  # PEFT takes a layer subset only with module names
             targets = _linear_names(model)

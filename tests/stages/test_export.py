@@ -182,6 +182,7 @@ def test_export_joins_the_chain_only_when_asked_for(tmp_path):
         list(planned(tmp_path, "export.gguf=[q8_0]"))[-1] == "export"
     )  # the default chain makes a merged model
     assert "export" not in planned(tmp_path, "export.gguf=[q8_0]", "stages=[download]")
+    assert "export" not in planned(tmp_path, "export.gguf=[q8_0]", "stages=[merge]")  # stops where it says
     assert list(planned(tmp_path, "export.gguf=[q4_0]", "stages=[export]"))[-2:] == ["merge", "export"]
 
 

@@ -7,6 +7,7 @@ import torch
 from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from ftpipe.config import compose, validate
 from ftpipe.errors import FtpipeError
 from ftpipe.training.model import lora_config
 
@@ -48,11 +49,14 @@ def test_last_layers_puts_adapters_only_on_the_top_layers_and_the_backward_stops
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
 
 
-def test_last_layers_none_adapts_every_layer_and_a_bad_count_names_the_key():
+@pytest.mark.parametrize("last_layers", [None, 2, 8])  # 8 of 2: a recipe tuned on a deeper model
+def test_last_layers_none_or_at_least_the_depth_adapts_every_layer(last_layers):
     base = _tiny(2)
-    model = get_peft_model(base, lora_config(_train_cfg(None), base))
-    assert {
-        int(n.split(".layers.")[1].split(".")[0]) for n, _ in model.named_parameters() if "lora_" in n
-    } == {0, 1}
+    model = get_peft_model(base, lora_config(_train_cfg(last_layers), base))
+    adapted = {int(n.split(".layers.")[1].split(".")[0]) for n, _ in model.named_parameters() if "lora_" in n}
+    assert adapted == {0, 1}
+
+
+def test_a_last_layers_below_one_is_refused_before_any_stage_naming_the_key():
     with pytest.raises(FtpipeError, match=r"train\.lora\.last_layers"):
-        lora_config(_train_cfg(3), _tiny(2))
+        validate(compose(["train.lora.last_layers=0"]))
