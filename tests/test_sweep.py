@@ -44,7 +44,13 @@ def executions(summary: dict) -> dict[str, int]:
 
 # joblib in make test-full: submitit_local already runs the jobs as parallel processes in the default suite
 @pytest.mark.parametrize(
-    "launcher", ["basic", pytest.param("joblib", marks=pytest.mark.slow), "submitit_local"]
+    # parallel launchers (~1.5 min each on 2 cores) in `make test-full`
+    "launcher",
+    [
+        "basic",
+        pytest.param("joblib", marks=pytest.mark.slow),
+        pytest.param("submitit_local", marks=pytest.mark.slow),
+    ],
 )
 def test_a_three_value_sweep_computes_shared_stages_once(tmp_path, launcher):
     extra = {
@@ -67,6 +73,7 @@ def test_a_three_value_sweep_computes_shared_stages_once(tmp_path, launcher):
         "convert": 3,
         "merge": 3,
         "evaluate-chat": 3,
+        "export": 3,  # colorist_lora writes a GGUF
     }
     keys = {e.parent.name for e in (tmp_path / "cache" / "pack").glob("*/manifest.json")}
     assert len(keys) == 1  # one committed pack entry, never a second or a half-written one

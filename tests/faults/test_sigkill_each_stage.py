@@ -15,7 +15,7 @@ from ftpipe import stages
 
 RUN = (
     "+recipe=assistant_lora", "model=tiny_llama", "dataset.name=Ada", "train.max_steps=6", "train.save_steps=2",
-    "eval.max_samples=2", "eval.max_new_tokens=4",
+    "eval.max_samples=2", "eval.max_new_tokens=4", "export.gguf=[q8_0]",
 )  # fmt: skip
 
 

@@ -95,7 +95,15 @@ def one_process(tmp_path_factory, env) -> dict:
     return rows_of(where)["train"]
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed_zero2", "deepspeed_zero3"])
+# the DeepSpeed cases (2-5 min on 2 CPU cores) run in `make test-full`; torchrun covers the kill path here
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        "torchrun",
+        pytest.param("deepspeed_zero2", marks=pytest.mark.slow),
+        pytest.param("deepspeed_zero3", marks=pytest.mark.slow),
+    ],
+)
 def test_a_killed_rank_fails_the_stage_naming_it_and_the_rerun_resumes_to_one_process_curve(
     tmp_path, env, one_process, launcher
 ):

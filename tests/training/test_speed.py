@@ -193,9 +193,12 @@ def test_liger_chunks_are_few_and_bounded() -> None:
 
 def test_cpu_defaults_are_the_plain_path() -> None:
     levers = speed.resolve({"method": "lora", "speed": {}}, "cpu")
-    assert levers == speed.Levers("cpu", "docs", "off", False, False, "none", "fp32", None)
+    # the frozen prefix is on (a no-op unless train.lora.last_layers leaves bottom layers frozen)
+    assert levers == speed.Levers(
+        "cpu", "docs", "off", False, False, "none", "fp32", None, frozen_prefix=True
+    )
     assert speed.loss_mode(levers) == "answer_only"  # fused_ce off: the answer-only LM head
-    assert speed.collator_kwargs(levers) == {"boundaries": False, "host_ids": False}
+    assert speed.collator_kwargs(levers) == {"boundaries": False, "host_ids": False, "row_index": True}
     assert speed.training_args_overrides(levers) == {} and speed.peft_kwargs(levers) == {}
     offload = speed.resolve({"method": "lora", "speed": {"checkpointing": "offload"}}, "cpu")
     assert offload.checkpointing == "full"
