@@ -29,15 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 LORA = dict(r=64, alpha=16, dropout=0.0)
-TINY = dict(
-    model_type="llama",
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=4096,
-)
 WORDS = (
     "the a colour model answer question river light stone quiet bright warm cold green blue red small large "
     "slowly quickly because although tomorrow yesterday garden window music number letter simple careful"
@@ -49,8 +40,11 @@ def log(*a: Any) -> None:
 
 
 def shape(name: str) -> dict[str, Any]:
-    if name == "tiny":
-        return TINY
+    if name == "tiny":  # the test suite's tiny Llama: its shape lives in conf/model/tiny_llama.yaml
+        from omegaconf import OmegaConf
+
+        tiny = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / "tiny_llama.yaml"))["tiny"]
+        return {"model_type": "llama", **tiny}
     sys.path.insert(0, str(REPO / "scripts"))
     from bench import SHAPES  # the real Llama-3.2-1B dimensions, shared with scripts/bench.py
 
