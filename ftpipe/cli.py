@@ -270,6 +270,45 @@ def cmd_check(args: list[str]) -> None:
     print("\nok: every row is valid")
 
 
+def cmd_probe(args: list[str]) -> None:
+    """The longest single sequence the config's training fits on this machine, with tokens/s there."""
+    import json
+
+    from . import engine, stages
+    from .cache import Cache
+    from .config import compose, validate
+    from .training.probe import longest, probe
+
+    parser = argparse.ArgumentParser(prog="ftpipe probe", description=cmd_probe.__doc__)
+    parser.add_argument("--start", type=int, default=8192, help="first length tried (tokens)")
+    parser.add_argument("--max-tokens", type=int, default=262144, help="longest length tried")
+    parser.add_argument("--resolution", type=int, default=4096, help="bisect to this many tokens")
+    parser.add_argument("--json", help="also write the attempts here")
+    known, rest = parser.parse_known_args(args)
+    config_dir, overrides = _split_config_dir(rest)
+    resolved = validate(compose(overrides, config_dir))
+    cache = Cache(resolved["cache_dir"])
+    rows = engine.run(stages.plan({**resolved, "stages": ["download-model"]}, cache), cache)
+    model_dir = Path(next(r for r in rows if r["name"] == "download-model")["output"]) / "model"
+    attempts = probe(model_dir, resolved, known.start, known.max_tokens, known.resolution)
+    best = longest(attempts)
+    if known.json:
+        Path(known.json).write_text(json.dumps([a.to_dict() for a in attempts], indent=1))
+    if best is None:
+        raise FtpipeError(f"probe: not even {attempts[0].tokens} tokens fit; try a smaller --start")
+    peak = f", peak {best.peak_gib:.2f} GiB" if best.peak_gib is not None else ""
+    first_fail = min((a.tokens for a in attempts if not a.fits), default=None)
+    bound = (
+        f"; {first_fail} did not fit"
+        if first_fail
+        else " (the limit tried; raise --max-tokens to go further)"
+    )
+    print(
+        f"longest sequence that trains: {best.tokens} tokens{peak}, {best.tokens_per_second:.0f} tokens/s"
+        f"{bound}"
+    )
+
+
 VERBS = {
     "show": cmd_show,
     "ls": cmd_ls,
@@ -277,6 +316,7 @@ VERBS = {
     "cache": cmd_cache,
     "check": cmd_check,
     "chat": cmd_chat,
+    "probe": cmd_probe,
 }
 
 
@@ -298,7 +338,7 @@ def main() -> None:
     if argv and argv[0] in ("-h", "--help", "help"):
         print(
             __doc__ + "\n  ftpipe +recipe=NAME [key=value ...]   run the pipeline (-m for a sweep)\n"
-            "  ftpipe show|ls|cp|cache|check ...    see README.md"
+            "  ftpipe show|ls|cp|cache|check|chat|probe ...    see README.md"
         )
         return
     from .config import compose, quote_overrides

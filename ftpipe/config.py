@@ -108,9 +108,13 @@ class SpeedConfig:
     fused_ce: str = "auto"
     compile: str = "auto"  # auto | on | off: torch.compile each decoder layer
     fused_lora: str = "auto"  # auto | on | off: one autograd function per LoRA linear (base + A/B)
-    # auto | none | full | offload | selective: recompute layers in backward to save memory (auto = none;
-    # offload = full on CPU)
+    # auto | none | full | offload | selective: recompute layers in backward to save memory (auto: offload on
+    # CUDA for micro-batches of 32k tokens or more, else none; offload = full on CPU)
     checkpointing: str = "auto"
+    # the MLP of each layer runs over chunks of this many tokens, each recomputed in backward on its own (long
+    # sequences: its intermediate activations exist for one chunk at a time); None = auto (16384 on CUDA);
+    # 0 = off
+    mlp_chunk_tokens: int | None = None
     adapter_dtype: str = "auto"  # auto | bf16 | fp32: LoRA weights' dtype (bf16 skips autocast copies)
     # auto | on | off: run the frozen bottom layers (below `train.lora.last_layers`) once per packed row instead
     # of every step (auto: on for the CPU)

@@ -63,6 +63,32 @@ SHAPES: dict[str, dict[str, Any]] = {
         bos_token_id=128000,
         eos_token_id=128009,
     ),
+    "llama-3.1-8b": dict(
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling={
+            "factor": 8.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+        tie_word_embeddings=False,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        bos_token_id=128000,
+        eos_token_id=128009,
+    ),
     "qwen2.5-7b": dict(
         model_type="qwen2",
         vocab_size=152064,
@@ -125,10 +151,26 @@ def make_rows(n_rows: int, vocab: int, seed: int, row: int = ROW) -> list[dict[s
     return rows
 
 
+def packed_rows(dataset_dir: str, n_rows: int) -> list[dict[str, torch.Tensor]]:
+    """The first `n_rows` rows of a pack stage's dataset (the `ftpipe` command's own rows, so both can be
+    compared on the same data), cycled if it has fewer."""
+    from datasets import load_from_disk
+
+    data = load_from_disk(dataset_dir).with_format("torch")
+    rows = []
+    for i in range(n_rows):
+        row = data[i % len(data)]
+        pos = row["position_ids"]
+        starts = (pos == 0).nonzero().squeeze(-1).tolist() + [len(pos)]
+        lengths = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+        rows.append({**{k: row[k] for k in COLS}, "doc_lengths": lengths})
+    return rows
+
+
 class Rows(torch.utils.data.Dataset):
     def __init__(self, rows: list[dict[str, Any]]) -> None:
-        # Python lists, as the packed Arrow dataset hands them to the collator
-        self.rows = [{k: r[k].tolist() for k in COLS} for r in rows]
+        # numpy arrays, as the train stage's packed Arrow dataset (numpy format) hands them to the collator
+        self.rows = [{k: r[k].numpy() for k in COLS} for r in rows]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -880,6 +922,7 @@ def main() -> int:
     p.add_argument("--probe", action="store_true", help="only the environment / attention probe")
     p.add_argument("--json", default=os.environ.get("BENCH_JSON"), help="write all results here")
     p.add_argument("--guard-first", action="store_true", help="run the guard before the timed runs")
+    p.add_argument("--rows-from", default=None, help="a pack stage's dataset folder: train on its rows")
     p.add_argument("--deadline", type=float, default=0, help="seconds: start no new run after this (0: none)")
     args = p.parse_args()
 
@@ -910,8 +953,10 @@ def main() -> int:
     for name in filter(None, args.cases.split(",")):
         case = CASES[name]
         vocab = SHAPES[case["shape"]]["vocab_size"]
+        n_rows = (args.warmup + args.steps + 3) * 4
         rows = rows_cache.setdefault(
-            case["shape"], make_rows((args.warmup + args.steps + 3) * 4, vocab, args.seed)
+            case["shape"],
+            packed_rows(args.rows_from, n_rows) if args.rows_from else make_rows(n_rows, vocab, args.seed),
         )
         sides = [s for s in ("hf", "ftpipe") if s in args.sides.split(",")]
         for side in sides:

@@ -24,7 +24,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         dataset_dir=ctx.input("pack", DATASET_DIR),
         data_info=ctx.input("map", DATA_INFO),
         out=ctx.out,
-        build_dir=ctx.shared / "torch_extensions",
+        build_dir=ctx.shared / "build",
     )
     if ctx.cfg["launcher"]["name"] == "local":
         from ..training.fit import fit

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import FtpipeError
 from ..paths import PACKAGE_DIR
-from .fit import TrainJob
+from .fit import TrainJob, build_env
 
 log = logging.getLogger("ftpipe")
 
@@ -110,8 +110,9 @@ def launch(job: TrainJob) -> dict[str, Any]:
     env = dict(os.environ)
     # the ranks must import this same ftpipe, installed or not
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_DIR.parent), env.get("PYTHONPATH")) if p)
-    if job.build_dir is not None:  # DeepSpeed compiles its ops on first use: once per cache, not per run
-        env.setdefault("TORCH_EXTENSIONS_DIR", str(job.build_dir))
+    if job.build_dir is not None:  # compiled once per cache, not per run
+        for name, value in build_env(job.build_dir).items():
+            env.setdefault(name, value)
     log.info("[train] launching: %s", " ".join(cmd))
     returncode, tail = _run_echoing(cmd, env)
     if returncode != 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -20,14 +21,36 @@ log = logging.getLogger("ftpipe")
 
 
 class Throughput(TrainerCallback):
-    """Marks time and tokens at train start and at each log, so logs can carry tokens/s since the last one."""
+    """Marks time and tokens at train start and at each log, so logs can carry tokens/s since the last one; and
+    how long the run took from `started` (the train stage's start) to its first optimizer step: model loading,
+    compilation (or its cache) and the first step, what a user waits for before training runs."""
 
-    def __init__(self) -> None:
+    def __init__(self, started: float | None = None) -> None:
+        self.started = time.perf_counter() if started is None else started
         self.mark: tuple[float, int] | None = None
         self.start: tuple[float, int] | None = None
+        self.first_step_seconds: float | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = self.mark = (time.perf_counter(), state.num_input_tokens_seen)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.first_step_seconds is None:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()  # once: the step's kernels have run, not only been queued
+            self.first_step_seconds = round(time.perf_counter() - self.started, 2)
+            log.info(
+                "[train] first optimizer step (step %d) %.1f s after the train stage started",
+                state.global_step,
+                self.first_step_seconds,
+            )
+
+    @staticmethod
+    def steady_rate(history: list[dict[str, Any]]) -> float | None:
+        """Median tokens/s of the logs after the first (which holds compilation and warm-up): the rate a
+        long run trains at."""
+        rates = [row["tokens_per_second"] for row in history if "tokens_per_second" in row][1:]
+        return round(statistics.median(rates), 1) if rates else None
 
     def rate(self, tokens_now: int) -> float | None:
         if self.mark is None:
@@ -48,6 +71,7 @@ class FtTrainer(Trainer):
         device: str = "cpu",
         frozen_prefix: Any = None,  # speed.frozen_prefix.FrozenPrefix: batches then carry cached hidden states
         preference: PreferenceLoss | None = None,
+        started: float | None = None,  # time.perf_counter() at the train stage's start
         **kwargs: Any,
     ):
         self.frozen_prefix = frozen_prefix
@@ -58,7 +82,7 @@ class FtTrainer(Trainer):
         # Both loss paths divide by num_items_in_batch themselves, so Trainer must compute it and must not
         # divide again by the accumulation steps: this keeps grad accumulation equal to one big batch.
         self.model_accepts_loss_kwargs = True
-        self.throughput = Throughput()
+        self.throughput = Throughput(started)
         self.add_callback(self.throughput)
 
     def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:

@@ -7,12 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ftpipe.data import boundaries
 from ftpipe.data.labels import IGNORE_INDEX
 from ftpipe.training import speed
 from ftpipe.training.collator import PackedCollator
 from ftpipe.training.speed import attention as attn
+from ftpipe.training.speed import mlp_chunks
 from ftpipe.training.speed.host_embedding import HostEmbedding
 from ftpipe.training.speed.lora import cast_adapters, fuse_lora
 from ftpipe.training.speed.lora_ops import lora_linear
@@ -209,10 +211,20 @@ def test_cpu_defaults_are_the_plain_path() -> None:
 
 
 def test_checkpointing_and_loss_are_one_key_each() -> None:
-    """`train.speed.checkpointing` alone switches checkpointing (auto = none, on every device); the fused
-    cross-entropy alone decides the loss path (on: the model computes it; off: the answer-only head)."""
+    """`train.speed.checkpointing` alone switches checkpointing (auto = none, but offload for long CUDA
+    micro-batches); the fused cross-entropy alone decides the loss path (on: the model computes it; off: the
+    answer-only head)."""
     for device in ("cpu", "cuda"):
         assert speed.resolve({"method": "lora", "speed": {}}, device).checkpointing == "none"
+        short = speed.resolve({"method": "lora", "speed": {}}, device, micro_batch_tokens=8192)
+        assert short.checkpointing == "none"
+    long_rows = {"method": "lora", "speed": {}}
+    assert speed.resolve(long_rows, "cuda", micro_batch_tokens=131072).checkpointing == "offload"
+    assert speed.resolve(long_rows, "cpu", micro_batch_tokens=131072).checkpointing == "none"
+    explicit = {"method": "lora", "speed": {"checkpointing": "none"}}
+    assert speed.resolve(explicit, "cuda", micro_batch_tokens=131072).checkpointing == "none"
+    assert speed.resolve(long_rows, "cuda").mlp_chunk_tokens == 16384
+    assert speed.resolve(long_rows, "cpu").mlp_chunk_tokens == 0
     assert speed.resolve({"method": "lora", "speed": {"checkpointing": "offload"}}, "cuda").checkpointing == (
         "offload"
     )
@@ -265,10 +277,13 @@ def _loss_grads(model, batch):
     return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("checkpointing", ["none", "full", "selective"])
-def test_fast_path_matches_plain_path_on_tiny_llama(checkpointing: str) -> None:
-    """Same weights, same packed batch: padding-free row + chunked fused loss +
-    fused LoRA (+ checkpointing) give HF+PEFT's loss and LoRA gradients."""
+@pytest.mark.parametrize(
+    "checkpointing,mlp_chunk", [("none", 0), ("full", 0), ("selective", 0), ("none", 16), ("full", 24)]
+)
+def test_fast_path_matches_plain_path_on_tiny_llama(checkpointing: str, mlp_chunk: int, monkeypatch) -> None:
+    """Same weights, same packed batch: padding-free row + chunked fused loss + fused LoRA (+ checkpointing,
+    + the MLP over chunks of the 64-token row, each recomputed on its own) give HF+PEFT's loss and LoRA
+    gradients."""
     torch.manual_seed(2)
     pos = _positions()
     ids = torch.randint(0, 256, pos.shape)
@@ -287,15 +302,28 @@ def test_fast_path_matches_plain_path_on_tiny_llama(checkpointing: str) -> None:
             "fused_ce": "torch",
             "fused_lora": "on",
             "checkpointing": checkpointing,
+            "mlp_chunk_tokens": mlp_chunk,
         },
     }
     fast = _tiny_peft(train_cfg)
+    chunked = 0
+
+    def counting(*args, **kwargs):
+        nonlocal chunked
+        chunked += 1
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(mlp_chunks, "checkpoint", counting)
     rows = [{"input_ids": ids[i], "labels": labels[i], "position_ids": pos[i]} for i in range(2)]
     batch = PackedCollator(boundaries=True)(rows)
     assert batch["input_ids"].shape == (1, 64)
     assert batch["cu_seq_lens_q"].tolist() == [0, 5, 22, 32, 64] and batch["max_length_q"] == 64
     assert batch["loss_tokens"] == int((labels[:, 1:] != IGNORE_INDEX).sum())
     loss, grads = _loss_grads(fast, batch)
+    # 2 layers x ceil(64 / chunk) chunks, each checkpointed (full checkpointing: again in the recompute)
+    assert chunked == (
+        0 if not mlp_chunk else 2 * -(-64 // mlp_chunk) * (2 if checkpointing == "full" else 1)
+    )
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
     assert set(grads) == set(ref_grads) and len(grads) == 2 * 7 * 2
     for name, g in grads.items():

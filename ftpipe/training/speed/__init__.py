@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..devices import compute_dtype
-from . import attention, checkpointing, compiled, host_embedding, lora
+from . import attention, checkpointing, compiled, host_embedding, lora, mlp_chunks
 from .loss import patch_causal_lm
 from .policy import Levers, resolve
 
@@ -83,6 +83,8 @@ def patch_model(model: nn.Module, train_cfg: dict[str, Any], levers: Levers) -> 
         lora.downcast_frozen(model, compute_dtype(train_cfg, levers.device))
     if levers.checkpointing == "full":
         checkpointing.enable_full(model)
+    if levers.mlp_chunk_tokens:
+        mlp_chunks.chunk_mlps(model, levers.mlp_chunk_tokens)
     return model
 
 

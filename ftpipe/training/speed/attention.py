@@ -65,6 +65,8 @@ def varlen_attention_forward(
     if cu is None:
         cu, max_len = boundaries.cu_seqlens(kwargs["position_ids"])
     b, h, t, d = query.shape
+    if b == 1 and cu.shape[0] == 2 and t >= LONG_DOCUMENT:  # the row is one document (a shape: no sync)
+        return _one_long_document(query, key, value, scaling), None
     hkv = key.shape[1]
     fn, causal, has_gqa_flag = _varlen_fn()
     q = query.transpose(1, 2).reshape(b * t, h, d)
@@ -85,6 +87,30 @@ def varlen_attention_forward(
         q, k, v = q.to(half), k.to(half), v.to(half)
     out = fn(q, k, v, cu, cu, max_len, max_len, scale=scaling, **causal, **extra)
     return out.view(b, t, h, d).to(dtype), None
+
+
+# A row that is a single document at least this long goes to cuDNN's fused attention instead of FlashAttention-2:
+# on an H200 1.5x its speed at head dim 64 and 1.7x at 128, forward + backward, for 32k-128k tokens
+# (scripts/bench_attention.py, docs/performance.md). Short rows stay on varlen (packed documents, no plan build).
+LONG_DOCUMENT = 16384
+
+
+def _one_long_document(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None
+) -> torch.Tensor:
+    """Causal attention over one document: query [1, H, T, D], key/value [1, Hkv, T, D] -> [1, T, H, D]."""
+    if torch.is_autocast_enabled("cuda") and query.dtype == torch.float32:  # as the varlen path: 16-bit only
+        half = torch.get_autocast_dtype("cuda")
+        query, key, value = query.to(half), key.to(half), value.to(half)
+    if key.shape[1] != query.shape[1]:
+        rep = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    # the log-sum-exp is what the backward needs; a no-grad forward (a checkpoint's) skips it
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        query, key, value, None, grad, 0.0, True, False, scale=scaling
+    )[0]
+    return out.transpose(1, 2)
 
 
 _FLEX_COMPILED: Callable[..., Any] | None = None

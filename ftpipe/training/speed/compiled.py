@@ -4,6 +4,7 @@ layers themselves are wrapped by `checkpointing.wrap_layers`) and the host-side 
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,6 +31,33 @@ def configure(levers: Levers) -> None:
     # Read when the layers compile (at the first step): below 1.0 the partitioner recomputes the cheapest
     # activations (elementwise ops first) in backward instead of keeping them.
     functorch_config.activation_memory_budget = levers.activation_budget or 1.0
+
+
+def dynamic_in_length(run: Callable) -> Callable:
+    """A compiled layer whose graph is generic in the sequence length from its first call: every dimension of
+    its tensor arguments as long as the hidden states' token dimension (hidden states, rotary cos/sin, a mask)
+    and the document boundaries are marked dynamic. Without it the first batch compiles a graph for its exact
+    length and the second compiles again, generic (dynamo's automatic dynamic shapes): two compilations
+    before training runs, of which the compile cache (fit.build_env) serves only the first from disk.
+    `maybe_`: a dimension the graph specializes anyway stays static instead of failing."""
+    mark = torch._dynamo.maybe_mark_dynamic
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if torch.is_tensor(hidden) and hidden.dim() == 3:
+            tokens = hidden.shape[1]
+            for value in (*args, *kwargs.values()):
+                for t in value if isinstance(value, tuple) else (value,):  # position_embeddings: (cos, sin)
+                    if torch.is_tensor(t):
+                        for dim, size in enumerate(t.shape):
+                            if size == tokens:
+                                mark(t, dim)
+            for name in ("cu_seq_lens_q", "cu_seq_lens_k"):
+                if torch.is_tensor(cu := kwargs.get(name)):
+                    mark(cu, 0)
+        return run(*args, **kwargs)
+
+    return call
 
 
 class QuietGC(TrainerCallback):

@@ -27,15 +27,27 @@ class Levers:
     activation_budget: float | None = None
     cpu_embeddings: bool = False
     frozen_prefix: bool = False
+    mlp_chunk_tokens: int = 0  # 0: the plain MLP
+
+
+# Micro-batches of this many tokens or more checkpoint their layers by default on CUDA (offloaded): without it
+# Llama-3.2-1B held 29.6 GiB for one 32k-token sequence and 110.7 GiB for 128k (docs/performance.md).
+LONG_MICRO_BATCH = 32768
+MLP_CHUNK = 16384
 
 
 def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def resolve(train_cfg: dict[str, Any], device: torch.device | str, zero_stage: int | None = None) -> Levers:
+def resolve(
+    train_cfg: dict[str, Any],
+    device: torch.device | str,
+    zero_stage: int | None = None,
+    micro_batch_tokens: int | None = None,
+) -> Levers:
     """Concrete lever settings for `train_cfg` (the `train` config section) on `device`, under DeepSpeed
-    ZeRO `zero_stage` if any."""
+    ZeRO `zero_stage` if any, for micro-batches of `micro_batch_tokens` tokens (None: not known, short)."""
     kind = torch.device(device).type
     cuda = kind == "cuda"
     speed = train_cfg.get("speed") or {}
@@ -68,7 +80,8 @@ def resolve(train_cfg: dict[str, Any], device: torch.device | str, zero_stage: i
     fused_lora = pick("fused_lora", "on" if cuda and method in ("lora", "qlora") else "off") == "on"
     # Checkpointing trades speed for memory: only where asked. Offloading parks inputs in pinned host memory
     # for a GPU; on the CPU it is plain (full) checkpointing.
-    ckpt = pick("checkpointing", "none")
+    long_batches = cuda and (micro_batch_tokens or 0) >= LONG_MICRO_BATCH
+    ckpt = pick("checkpointing", "offload" if long_batches else "none")
     if ckpt == "offload" and not cuda:
         ckpt = "full"
     if zero_stage == 3 and (
@@ -103,4 +116,10 @@ def resolve(train_cfg: dict[str, Any], device: torch.device | str, zero_stage: i
         frozen_prefix=pick("frozen_prefix", "off" if cuda else "on") == "on"
         and not train_cfg.get("sample_every")
         and train_cfg.get("objective", "sft") == "sft",
+        # Eager chunks under ZeRO-3's hooks work too, but nothing was measured there: CUDA without ZeRO-3.
+        mlp_chunk_tokens=int(
+            MLP_CHUNK
+            if speed.get("mlp_chunk_tokens") is None and cuda and zero_stage != 3
+            else speed.get("mlp_chunk_tokens") or 0
+        ),
     )

@@ -1,0 +1,42 @@
+"""Long sequences (`train.speed.mlp_chunk_tokens`): each decoder layer's MLP runs over chunks of the sequence,
+each chunk checkpointed on its own, so the MLP's intermediate activations (gate, up, their product: three
+`tokens x intermediate_size` tensors, 6 GiB for one 128k-token sequence of Llama-3.2-1B) exist for one chunk
+at a time. The MLP is position-wise, so chunking changes no number. Micro-batches of at most one chunk run the
+plain (compiled) MLP."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .stack import decoder_stack
+
+
+def chunk_mlps(model: nn.Module, chunk_tokens: int) -> None:
+    """Wrap every decoder layer's `mlp.forward` in place."""
+    for layer in decoder_stack(model).layers:
+        mlp = getattr(layer, "mlp", None)
+        if mlp is None:
+            continue
+        mlp.forward = functools.partial(_maybe_chunked, mlp.forward, chunk_tokens)
+
+
+def _maybe_chunked(plain: Callable, chunk_tokens: int, hidden: torch.Tensor) -> torch.Tensor:
+    # A shape test, so torch.compile traces the plain MLP (and guards on the length) for ordinary batches.
+    if hidden.shape[-2] <= chunk_tokens:
+        return plain(hidden)
+    return _chunked(plain, chunk_tokens, hidden)
+
+
+@torch._dynamo.disable  # eager, chunk by chunk: at these lengths the GEMMs are large and launch costs vanish
+def _chunked(plain: Callable, chunk_tokens: int, hidden: torch.Tensor) -> torch.Tensor:
+    parts = hidden.split(chunk_tokens, dim=-2)
+    if torch.is_grad_enabled():
+        outs = [checkpoint(plain, part, use_reentrant=False) for part in parts]
+    else:  # the forward of an offloaded checkpoint: nothing is kept anyway, chunks bound the transient memory
+        outs = [plain(part) for part in parts]
+    return torch.cat(outs, dim=-2)

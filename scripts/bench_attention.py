@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""Causal attention over one long document on the GPU: the kernels torch offers, forward and forward+backward,
+in TFLOP/s (causal FLOPs: 2 * L^2 * heads * head_dim forward, 2.5x that for the backward).
+
+    python scripts/bench_attention.py [--lengths 32768,131072] [--shapes 32x8x64,32x8x128] [--json OUT]
+
+Shapes are query heads x KV heads x head dim (Llama-3.2-1B: 32x8x64; Llama-3.1-8B: 32x8x128).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def timed(fn: Callable[[], torch.Tensor], backward: bool, repeats: int = 3) -> float:
+    for _ in range(2 if backward else 1):  # warm-up (cuDNN builds its plan on first use)
+        out = fn()
+        if backward:
+            out.sum().backward()
+    torch.cuda.synchronize()
+    began = time.perf_counter()
+    for _ in range(repeats):
+        out = fn()
+        if backward:
+            out.backward(torch.ones_like(out))
+    torch.cuda.synchronize()
+    return (time.perf_counter() - began) / repeats
+
+
+def kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
+    """q [L, H, D], k/v [L, Hkv, D] -> each kernel's call."""
+    length, heads, _ = q.shape
+    rep = heads // k.shape[1]
+    kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    cu = torch.tensor([0, length], dtype=torch.int32, device=q.device)
+    out: dict[str, Callable[[], torch.Tensor]] = {}
+    from torch.nn.attention.varlen import varlen_attn
+
+    out["varlen_fa2"] = lambda: varlen_attn(q, kr, vr, cu, cu, length, length, window_size=(-1, 0))
+    q4, k4, v4 = (t.transpose(0, 1)[None] for t in (q, kr, vr))
+    kg, vg = (t.transpose(0, 1)[None] for t in (k, v))
+    for name, backend in (
+        ("sdpa_flash", SDPBackend.FLASH_ATTENTION),
+        ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
+        ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION),
+    ):
+
+        def call(backend=backend) -> torch.Tensor:
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q4, k4, v4, is_causal=True)
+
+        out[name] = call
+
+    def cudnn_gqa() -> torch.Tensor:
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(q4, kg, vg, is_causal=True, enable_gqa=True)
+
+    out["sdpa_cudnn_gqa"] = cudnn_gqa
+    return out
+
+
+def check(length: int = 32768) -> dict:
+    """ftpipe's one-long-document path (cuDNN) against varlen FlashAttention-2: output and input gradients."""
+    from ftpipe.training.speed.attention import _one_long_document
+
+    torch.manual_seed(1)
+    q = torch.randn(1, 32, length, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, 8, length, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, 8, length, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad_out = torch.randn(1, length, 32, 64, device="cuda", dtype=torch.bfloat16)
+    outs, grads = [], []
+    for path in ("cudnn", "fa2"):
+        if path == "cudnn":
+            out = _one_long_document(q, k, v, 64**-0.5)
+        else:
+            from torch.nn.attention.varlen import varlen_attn
+
+            cu = torch.tensor([0, length], dtype=torch.int32, device="cuda")
+            flat = [t[0].transpose(0, 1) for t in (q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1))]
+            out = varlen_attn(*flat, cu, cu, length, length, scale=64**-0.5, window_size=(-1, 0))[None]
+        out.backward(grad_out)
+        outs.append(out.float())
+        grads.append([t.grad.float().clone() for t in (q, k, v)])
+        q.grad = k.grad = v.grad = None
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    return {
+        "check": f"cudnn vs varlen FA2, {length} tokens, 32x8x64",
+        "out_rel": rel(outs[0], outs[1]),
+        "grad_rel": [rel(a, b) for a, b in zip(grads[0], grads[1], strict=True)],
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", default="32768,131072")
+    p.add_argument("--shapes", default="32x8x64,32x8x128")
+    p.add_argument("--json")
+    ns = p.parse_args()
+    results = []
+    for shape in ns.shapes.split(","):
+        heads, kv, dim = (int(x) for x in shape.split("x"))
+        for length in (int(x) for x in ns.lengths.split(",")):
+            torch.manual_seed(0)
+            q = torch.randn(length, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            k = torch.randn(length, kv, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            v = torch.randn(length, kv, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            flops = 2 * length * length * heads * dim  # causal forward
+            for name, fn in kernels(q, k, v).items():
+                row = {"shape": shape, "length": length, "kernel": name}
+                try:
+                    fwd = timed(lambda fn=fn: fn().detach(), backward=False)
+                    both = timed(fn, backward=True)
+                    row.update(
+                        fwd_ms=round(fwd * 1e3, 2),
+                        fwd_bwd_ms=round(both * 1e3, 2),
+                        fwd_tflops=round(flops / fwd / 1e12, 1),
+                        fwd_bwd_tflops=round(3.5 * flops / both / 1e12, 1),
+                    )
+                except Exception as exc:  # a kernel this build or shape does not support
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:200]
+                q.grad = k.grad = v.grad = None
+                print(json.dumps(row), flush=True)
+                results.append(row)
+            del q, k, v
+            torch.cuda.empty_cache()
+    results.append(check())
+    print(json.dumps(results[-1]), flush=True)
+    if ns.json:
+        with open(ns.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

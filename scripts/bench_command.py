@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""The speed a user gets: the `ftpipe` command itself, timed from its own logs, beside the bench's harness on
+the same rows (issue 18).
+
+    python scripts/bench_command.py OUT [--cases lora,lora_offload,qlora,long128k] [--steps 60]
+        [--warm lora] [--harness lora,qlora] [--probe llama-3.1-8b:qlora:262144] [--deadline SECONDS]
+
+Each case is one `python -m ftpipe ... stages=[train]` run on a random-init model of a real shape saved as a
+local folder (scripts/scaleout.py: the SmolLM2 tokenizer beside it) and a plain-text corpus packed into rows of
+the case's length; LoRA r64 / alpha 16 on all linear layers, bf16, constant lr. Figures, all from the train
+stage's entry: `train_tokens_per_second_steady` (median of the logged rates after the first log),
+`train_first_step_seconds` (train stage start to the first optimizer step), peak memory.
+- `--warm CASE`: the same command again with another learning rate, so the train stage misses its cache
+  while the compiled artefacts (under the cache's shared/build) are found: the warm start.
+- `--harness CASE,...`: `scripts/bench.py --sides ftpipe,hf --rows-from <the case's packed rows>`, so the
+  harness and HF Trainer + PEFT train on exactly the command's rows, in the same call.
+- `--probe SHAPE:METHOD:MAX`: `ftpipe probe` on that shape (the longest single sequence that trains).
+Results: OUT/command.json (rewritten after each piece) and a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from scaleout import WORDS, model_folder  # noqa: E402
+
+# case -> shape, method, packed rows per step, checkpointing, row length
+CASES: dict[str, tuple[str, str, int, str, int]] = {
+    "lora": ("llama-3.2-1b", "lora", 4, "none", 2048),
+    "lora_offload": ("llama-3.2-1b", "lora", 4, "offload", 2048),
+    "qlora": ("llama-3.2-1b", "qlora", 4, "offload", 2048),
+    "qwen7b_qlora": ("qwen2.5-7b", "qlora", 2, "offload", 2048),
+    "long32k": ("llama-3.2-1b", "lora", 1, "auto", 32768),
+    "long128k": ("llama-3.2-1b", "lora", 1, "auto", 131072),
+    "tiny": ("tiny", "lora", 4, "none", 256),  # a dry run of this script on the CPU
+}
+# the bench.py case with the same shape, method, rows and checkpointing
+HARNESS = {"lora": "llama1b_lora", "lora_offload": "llama1b_lora_ckpt", "qlora": "llama1b_qlora"}
+TOKENS_PER_WORD = 4.6  # the SmolLM2 tokenizer on these words ("w1234" -> 4-5 tokens)
+
+
+def corpus(path: Path, row_len: int, rows: int, seed: int = 0) -> Path:
+    """Rows of 2048: documents of 150-1500 words (700-7000 tokens, the longer ones split over rows). Long rows:
+    each document a little longer than a row, so every row starts a document that fills it."""
+    rng = random.Random(seed)
+    with open(path, "w") as fh:
+        if row_len <= 2048:  # (the tiny case: many rows of 256)
+            for _ in range(rows):
+                fh.write(json.dumps({"text": " ".join(rng.choices(WORDS, k=rng.randint(150, 1500)))}) + "\n")
+        else:
+            words = int(row_len / TOKENS_PER_WORD * 1.05)
+            for _ in range(rows):
+                fh.write(json.dumps({"text": " ".join(rng.choices(WORDS, k=words))}) + "\n")
+    return path
+
+
+def overrides(case: str, model: str, data: Path, steps: int, cache: Path) -> list[str]:
+    shape, method, rows, ckpt, row_len = CASES[case]
+    long_rows = row_len > 2048
+    return [
+        *(["model=tiny_llama"] if shape == "tiny" else [f"model.path={model}", "model.gguf_file=null"]),
+        f"dataset.path={data}",
+        "dataset.format=pretrain",
+        "dataset.eval_size=0",
+        f"dataset.max_length={row_len}",
+        "dataset.truncation=split",
+        f"train.method={method}",
+        f"train.micro_batch_size={rows}",
+        f"train.max_steps={steps}",
+        f"train.logging_steps={1 if long_rows else 5}",
+        f"train.save_steps={10**6}",
+        "train.lora.r=64",
+        "train.lora.alpha=16",
+        "train.lora.target_modules=all-linear",
+        f"train.speed.checkpointing={ckpt}",
+        "optimizer.lr=2e-4",
+        "optimizer.scheduler=constant",
+        "optimizer.warmup_ratio=0",
+        "stages=[train]",
+        f"cache_dir={cache}",
+        f"hydra.run.dir={cache}/runs/{time.time_ns()}",
+    ]
+
+
+def run_ftpipe(args: list[str], env: dict[str, str], log: Path) -> tuple[int, float]:
+    began = time.time()
+    with open(log, "a") as fh:
+        rc = subprocess.run(
+            [sys.executable, "-m", "ftpipe", *args], env=env, stdout=fh, stderr=subprocess.STDOUT
+        ).returncode
+    return rc, round(time.time() - began, 1)
+
+
+def newest_entry(cache: Path, stage: str) -> tuple[Path, dict[str, Any]] | None:
+    found = sorted((cache / stage).glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    return (found[-1].parent, json.loads(found[-1].read_text())) if found else None
+
+
+def train_result(cache: Path) -> dict[str, Any]:
+    entry = newest_entry(cache, "train")
+    if entry is None:
+        return {"error": "no train entry"}
+    path, manifest = entry
+    metrics = manifest["metrics"]
+    history = json.loads((path / "log_history.json").read_text())
+    keys = ("train_tokens_per_second_steady", "train_tokens_per_second", "train_first_step_seconds")
+    return {
+        **{k: metrics.get(k) for k in (*keys, "train_peak_memory_gib", "train_seconds", "train_steps")},
+        "rates": [r["tokens_per_second"] for r in history if "tokens_per_second" in r],
+        "losses": [r["loss"] for r in history if "loss" in r],
+        "entry": str(path),
+    }
+
+
+def pack_dir(cache: Path) -> str | None:
+    entry = newest_entry(cache, "pack")
+    return str(entry[0] / "dataset") if entry else None
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", type=Path)
+    p.add_argument("--cases", default="lora,lora_offload,qlora")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--long-steps", type=int, default=4)
+    p.add_argument("--warm", default="", help="comma list of cases to run a second time (warm start)")
+    p.add_argument("--harness", default="", help="comma list of cases to also run through scripts/bench.py")
+    p.add_argument("--harness-args", default="--warmup 5 --steps 30 --guard=", help="extra bench.py args")
+    p.add_argument("--probe", action="append", default=[], help="SHAPE:METHOD:MAX_TOKENS for ftpipe probe")
+    p.add_argument("--extra", default="", help="space-separated overrides added to every case")
+    p.add_argument("--deadline", type=float, default=0, help="seconds: start nothing new after this")
+    ns = p.parse_args()
+    started = time.time()
+    out = ns.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    results: dict[str, Any] = {"argv": sys.argv[1:], "cases": {}, "harness": {}, "probe": {}}
+    report = out / "command.json"
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+
+    def late() -> bool:
+        return bool(ns.deadline) and time.time() - started > ns.deadline
+
+    for case in filter(None, ns.cases.split(",")):
+        if late():
+            results["cases"][case] = {"skipped": "deadline"}
+            continue
+        shape, _, rows, _, row_len = CASES[case]
+        model = model_folder(shape, tmp)
+        steps = ns.long_steps if row_len > 2048 else ns.steps
+        data = corpus(out / f"corpus_{row_len}.jsonl", row_len, max(8, steps * rows // 2 + 8))
+        cache = out / "cache" / case
+        args = [*overrides(case, model, data, steps, cache), *ns.extra.split()]
+        rc, wall = run_ftpipe(args, env, out / f"{case}.log")
+        res = {"rc": rc, "wall_seconds": wall, **train_result(cache)}
+        if case in ns.warm.split(","):
+            rc2, wall2 = run_ftpipe([*args, "optimizer.lr=1e-4"], env, out / f"{case}_warm.log")
+            res["warm"] = {"rc": rc2, "wall_seconds": wall2, **train_result(cache)}
+        if case in ns.harness.split(",") and (rows_dir := pack_dir(cache)):
+            harness_json = out / f"harness_{case}.json"
+            cmd = [
+                sys.executable,
+                str(ROOT / "scripts" / "bench.py"),
+                "--cases",
+                HARNESS[case],
+                "--rows-from",
+                rows_dir,
+                "--json",
+                str(harness_json),
+                *ns.harness_args.split(),
+            ]
+            with open(out / f"harness_{case}.log", "w") as fh:
+                subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
+            if harness_json.is_file():
+                runs = json.loads(harness_json.read_text()).get("runs", [])
+                results["harness"][case] = {
+                    r["side"]: {k: r.get(k) for k in ("tok_s", "peak_gib", "step_ms", "error")} for r in runs
+                }
+        results["cases"][case] = res
+        report.write_text(json.dumps(results, indent=1))
+        print(
+            f"{case}: {json.dumps({k: v for k, v in res.items() if k not in ('rates', 'losses')})}",
+            flush=True,
+        )
+    for spec in ns.probe:
+        if late():
+            results["probe"][spec] = {"skipped": "deadline"}
+            continue
+        shape, method, limit = spec.split(":")
+        model = model_folder(shape, tmp)
+        attempts = out / f"probe_{shape}_{method}.json"
+        args = [
+            "probe",
+            f"model.path={model}",
+            "model.gguf_file=null",
+            f"train.method={method}",
+            "train.lora.r=64",
+            "train.lora.alpha=16",
+            "train.lora.target_modules=all-linear",
+            f"cache_dir={out / 'cache' / 'probe'}",
+            "--start",
+            "32768",
+            "--max-tokens",
+            limit,
+            "--resolution",
+            "16384",
+            "--json",
+            str(attempts),
+        ]
+        rc, wall = run_ftpipe(args, env, out / f"probe_{shape}_{method}.log")
+        results["probe"][spec] = {
+            "rc": rc,
+            "wall_seconds": wall,
+            "attempts": json.loads(attempts.read_text()) if attempts.is_file() else None,
+        }
+        report.write_text(json.dumps(results, indent=1))
+        print(f"probe {spec}: {json.dumps(results['probe'][spec])}", flush=True)
+    report.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
