@@ -50,6 +50,29 @@ def test_each_method_lowers_the_loss_and_writes_its_outputs(tmp_path, fixtures, 
     weights = "model.safetensors" if method == "full" else "adapter_model.safetensors"
     assert (out / "final" / weights).is_file()
     assert {"tokens_per_second", "peak_memory_gib", "grad_norm", "learning_rate"} <= history[1].keys()
+    # the warm-start figure: model loading + the first step, within the whole stage's time
+    assert 0 < metrics["train_first_step_seconds"] < metrics["train_seconds"] + 60
+    rates = [row["tokens_per_second"] for row in history if "tokens_per_second" in row]
+    assert min(rates[1:]) <= metrics["train_tokens_per_second_steady"] <= max(rates[1:])  # the first: warm-up
+
+
+def test_compiled_artefacts_are_kept_under_the_build_folder(tmp_path, fixtures, monkeypatch):
+    """fit points torch.compile's caches (and DeepSpeed's ops) at job.build_dir unless the user set them."""
+    from ftpipe.training.fit import build_env
+
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TORCH_EXTENSIONS_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    model_dir, pack_dir = fixtures
+    job = h.job(h.train_cfg(max_steps=1), tmp_path / "train.tmp", model_dir, pack_dir)
+    job.build_dir = tmp_path / "shared" / "build"
+    fit(job)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(job.build_dir / "inductor")
+    assert build_env(job.build_dir)["TORCH_EXTENSIONS_DIR"] == str(job.build_dir / "torch_extensions")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    again = h.job(h.train_cfg(max_steps=1), tmp_path / "again.tmp", model_dir, pack_dir)
+    again.build_dir = job.build_dir
+    fit(again)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")  # the user's setting wins
 
 
 def _loss_inputs(fixtures, rows: int = 3) -> dict[str, torch.Tensor]:

@@ -374,3 +374,52 @@ def test_speed_keys_are_validated_by_name() -> None:
     assert cfg["train"]["speed"]["attention"] == "flex" and cfg["train"]["speed"]["activation_budget"] == 0.7
     with pytest.raises(FtpipeError, match=r"train\.speed\.checkpointing"):
         validate(compose(["+recipe=colorist_lora", "train.speed.checkpointing=sometimes"]))
+
+
+def test_compiled_layers_are_generic_in_the_length_from_the_first_call() -> None:
+    """dynamic_in_length: a second sequence length runs the graph the first compiled (no recompilation), with
+    the hidden states, a (cos, sin) pair and a [T, T] mask all as long as the sequence."""
+    from torch._dynamo.utils import counters
+
+    from ftpipe.training.speed.compiled import dynamic_in_length
+
+    def layer(hidden, position_embeddings, attention_mask):
+        cos, sin = position_embeddings
+        mixed = torch.softmax(attention_mask, dim=-1) @ hidden[0]
+        return hidden * cos + mixed[None] * sin
+
+    torch._dynamo.reset()
+    counters.clear()
+    run = dynamic_in_length(torch.compile(layer, backend="aot_eager"))
+    for tokens in (16, 24, 40):
+        hidden = torch.randn(1, tokens, 8)
+        rope = (torch.randn(1, tokens, 8), torch.randn(1, tokens, 8))
+        mask = torch.randn(tokens, tokens)
+        torch.testing.assert_close(
+            run(hidden, position_embeddings=rope, attention_mask=mask), layer(hidden, rope, mask)
+        )
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_a_row_that_is_one_long_document_takes_the_single_document_kernel(monkeypatch) -> None:
+    """One document spanning the row (cu_seq_lens of two entries, a shape: no host sync) and at least
+    LONG_DOCUMENT tokens: the cuDNN path; a row of several documents never (their attention must not mix)."""
+    calls: list[str] = []
+    monkeypatch.setattr(attn, "LONG_DOCUMENT", 32)
+    monkeypatch.setattr(
+        attn, "_one_long_document", lambda q, k, v, s: calls.append("one") or q.transpose(1, 2)
+    )
+
+    def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
+        calls.append("varlen")
+        return q
+
+    monkeypatch.setattr(attn, "_varlen_fn", lambda: (fake_varlen, {"window_size": (-1, 0)}, True))
+    q, k = torch.randn(1, 4, 64, 8), torch.randn(1, 2, 64, 8)
+    for cu in ([0, 64], [0, 20, 64]):
+        attn.varlen_attention_forward(None, q, k, k, None, cu_seq_lens_q=torch.tensor(cu), max_length_q=64)
+    short = torch.randn(1, 4, 16, 8)
+    attn.varlen_attention_forward(
+        None, short, short, short, None, cu_seq_lens_q=torch.tensor([0, 16]), max_length_q=16
+    )
+    assert calls == ["one", "varlen", "varlen"]
