@@ -247,13 +247,21 @@ def fit(job: TrainJob) -> dict[str, Any] | None:
     (job.out / "log_history.json").write_text(json.dumps(history, indent=1))
     losses = [row["loss"] for row in history if "loss" in row]
     tokens = int(trainer.state.num_input_tokens_seen)
+    steady = trainer.throughput.steady_rate(history)
+    if steady is not None:
+        log.info(
+            "[train] %d steps, %.0f tokens/s steady (median of the logs after the first), peak %.2f GiB",
+            trainer.state.global_step,
+            steady,
+            peak_memory_gib(device),
+        )
     return {
         "train_loss": losses[-1] if losses else result.training_loss,
         "train_loss_first": losses[0] if losses else None,
         "train_steps": trainer.state.global_step,
         "train_tokens": tokens,
         "train_tokens_per_second": round((tokens - tokens_before) / seconds, 1) if seconds > 0 else None,
-        "train_tokens_per_second_steady": trainer.throughput.steady_rate(history),
+        "train_tokens_per_second_steady": steady,
         "train_first_step_seconds": trainer.throughput.first_step_seconds,
         "train_seconds": round(seconds, 2),
         "train_peak_memory_gib": round(peak_memory_gib(device), 3),
