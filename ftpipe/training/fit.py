@@ -49,7 +49,7 @@ def training_arguments(
     train, opt = cfg["train"], cfg["optimizer"]
     device = levers.device
     # train.speed.tokens_per_micro_batch: same rows per optimizer step, split into smaller micro-batches
-    micro_batch, grad_accum = speed.micro_batches(train, levers, row_len)
+    micro_batch, grad_accum = speed.micro_batches(train, row_len)
     scheduler = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[opt["scheduler"]]
     return TrainingArguments(
         output_dir=out_dir,
@@ -180,8 +180,7 @@ def fit(job: TrainJob) -> dict[str, Any] | None:
     pairs = _check_objective(train_cfg, job.data_info)
     set_seed(cfg["seed"])  # before the model: LoRA's initial weights are random
     row_len = len(dataset[0]["input_ids"])  # packed rows all hold as many tokens
-    per_micro_batch = train_cfg["speed"].get("tokens_per_micro_batch")
-    rows = max(1, per_micro_batch // row_len) if per_micro_batch else train_cfg["micro_batch_size"]
+    rows, _ = speed.micro_batches(train_cfg, row_len)
     # the speed policy, once per run
     levers = speed.resolve(train_cfg, device, zero_stage(cfg["launcher"]), micro_batch_tokens=rows * row_len)
     model = load_for_training(job.model_dir, train_cfg, levers, bool(cfg["model"]["trust_remote_code"]))

@@ -39,11 +39,12 @@ class Throughput(TrainerCallback):
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 torch.cuda.synchronize()  # once: the step's kernels have run, not only been queued
             self.first_step_seconds = round(time.perf_counter() - self.started, 2)
-            log.info(
-                "[train] first optimizer step (step %d) %.1f s after the train stage started",
-                state.global_step,
-                self.first_step_seconds,
-            )
+            if state.is_world_process_zero:
+                log.info(
+                    "[train] first optimizer step (step %d) %.1f s after the train stage started",
+                    state.global_step,
+                    self.first_step_seconds,
+                )
 
     @staticmethod
     def steady_rate(history: list[dict[str, Any]]) -> float | None:

@@ -196,18 +196,15 @@ def test_liger_chunks_are_few_and_bounded() -> None:
 def test_cpu_defaults_are_the_plain_path() -> None:
     levers = speed.resolve({"method": "lora", "speed": {}}, "cpu")
     # the frozen prefix is on (a no-op unless train.lora.last_layers leaves bottom layers frozen)
-    assert levers == speed.Levers(
-        "cpu", "docs", "off", False, False, "none", "fp32", None, frozen_prefix=True
-    )
+    assert levers == speed.Levers("cpu", "docs", "off", False, False, "none", "fp32", frozen_prefix=True)
     assert speed.loss_mode(levers) == "answer_only"  # fused_ce off: the answer-only LM head
     assert speed.collator_kwargs(levers) == {"boundaries": False, "host_ids": False, "row_index": True}
     assert speed.training_args_overrides(levers) == {} and speed.peft_kwargs(levers) == {}
     offload = speed.resolve({"method": "lora", "speed": {"checkpointing": "offload"}}, "cpu")
     assert offload.checkpointing == "full"
     train = {"micro_batch_size": 4, "grad_accum": 1}
-    tokens = speed.resolve({"method": "lora", "speed": {"tokens_per_micro_batch": 4096}}, "cpu")
-    assert speed.micro_batches(train, tokens, 2048) == (2, 2)
-    assert speed.micro_batches({"micro_batch_size": 4, "grad_accum": 2}, levers, 2048) == (4, 2)
+    assert speed.micro_batches({**train, "speed": {"tokens_per_micro_batch": 4096}}, 2048) == (2, 2)
+    assert speed.micro_batches({"micro_batch_size": 4, "grad_accum": 2, "speed": {}}, 2048) == (4, 2)
 
 
 def test_checkpointing_and_loss_are_one_key_each() -> None:

@@ -140,12 +140,12 @@ def loss_mode(levers: Levers) -> str:
     return "model" if levers.fused_ce != "off" else "answer_only"
 
 
-def micro_batches(train_cfg: dict[str, Any], levers: Levers, row_len: int | None) -> tuple[int, int]:
+def micro_batches(train_cfg: dict[str, Any], row_len: int | None) -> tuple[int, int]:
     """(per-device micro-batch rows, grad accumulation) with about `train.speed.tokens_per_micro_batch` tokens
     per micro-batch and the same rows per optimizer step (rounded up to whole micro-batches). Packed rows all
     hold `row_len` tokens."""
     mbs, ga = train_cfg["micro_batch_size"], train_cfg["grad_accum"]
-    tokens = levers.tokens_per_micro_batch
+    tokens = (train_cfg.get("speed") or {}).get("tokens_per_micro_batch")
     if not tokens or not row_len:
         return mbs, ga
     rows = mbs * ga

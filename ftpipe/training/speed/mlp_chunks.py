@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,10 +26,13 @@ def chunk_mlps(model: nn.Module, chunk_tokens: int) -> None:
         mlp.forward = functools.partial(_maybe_chunked, mlp.forward, chunk_tokens)
 
 
-def _maybe_chunked(plain: Callable, chunk_tokens: int, hidden: torch.Tensor) -> torch.Tensor:
-    # A shape test, so torch.compile traces the plain MLP (and guards on the length) for ordinary batches.
-    if hidden.shape[-2] <= chunk_tokens:
-        return plain(hidden)
+def _maybe_chunked(
+    plain: Callable, chunk_tokens: int, hidden: torch.Tensor, *args: Any, **kwargs: Any
+) -> Any:
+    # A shape test, so torch.compile traces the plain MLP (and guards on the length) for ordinary batches. An
+    # MLP called with more than the hidden states is not position-wise for sure: left whole.
+    if hidden.shape[-2] <= chunk_tokens or args or kwargs:
+        return plain(hidden, *args, **kwargs)
     return _chunked(plain, chunk_tokens, hidden)
 
 

@@ -23,7 +23,6 @@ class Levers:
     fused_lora: bool
     checkpointing: str  # none | full | offload | selective
     adapter_dtype: str  # bf16 | fp32
-    tokens_per_micro_batch: int | None
     activation_budget: float | None = None
     cpu_embeddings: bool = False
     frozen_prefix: bool = False
@@ -103,7 +102,6 @@ def resolve(
         fused_lora=fused_lora,
         checkpointing=ckpt,
         adapter_dtype=adapter_dtype,
-        tokens_per_micro_batch=speed.get("tokens_per_micro_batch"),
         # Compiled layers keep 80% of their activations (the partitioner recomputes the cheapest elementwise
         # ones in backward): Llama-3.2-1B 12.3 -> 9.4 GiB without checkpointing, 3.50 -> 3.47 GiB with the
         # offloaded one, at about the same speed (docs/performance.md).
@@ -116,7 +114,8 @@ def resolve(
         frozen_prefix=pick("frozen_prefix", "off" if cuda else "on") == "on"
         and not train_cfg.get("sample_every")
         and train_cfg.get("objective", "sft") == "sft",
-        # Eager chunks under ZeRO-3's hooks work too, but nothing was measured there: CUDA without ZeRO-3.
+        # Long micro-batches' MLP in checkpointed chunks (a no-op for shorter ones); not under ZeRO-3, where no
+        # run measured it.
         mlp_chunk_tokens=int(
             MLP_CHUNK
             if speed.get("mlp_chunk_tokens") is None and cuda and zero_stage != 3
