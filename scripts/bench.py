@@ -254,8 +254,7 @@ def ftpipe_cfg(case: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any
         micro_batch_size=case["batch"],
         grad_accum=1,
         save_steps=10**6,
-        logging_steps=10**6,
-    )
+    )  # logging_steps: the train stage's default, as the command logs
     train["lora"] = {**train["lora"], "r": LORA["r"], "alpha": LORA["alpha"], "dropout": LORA["dropout"]}
     train["lora"]["target_modules"] = list(TARGETS)
     speed_over = {k: v for k, v in overrides.items() if k in train["speed"]}
@@ -538,6 +537,9 @@ def ftpipe_trainer(model: nn.Module, rows, cfg: dict[str, Any], steps: int, time
     """The train stage's Trainer: its TrainingArguments, PackedCollator (padding-free) and FtTrainer."""
     import dataclasses
 
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
     from ftpipe.training import speed
     from ftpipe.training.collator import PackedCollator
     from ftpipe.training.fit import training_arguments
@@ -546,13 +548,16 @@ def ftpipe_trainer(model: nn.Module, rows, cfg: dict[str, Any], steps: int, time
     cfg = {**cfg, "train": {**cfg["train"], "max_steps": steps}}
     levers = speed.resolve(cfg["train"], "cuda")
     args = training_arguments(cfg, tempfile.mkdtemp(prefix="bench-"), levers, "bf16", ROW)
-    args = dataclasses.replace(args, disable_tqdm=True, save_strategy="no")
+    # The loop the command runs: its logging (every train.logging_steps, each log reading the loss and the
+    # gradient norm back), progress bar and TensorBoard writer; only checkpoints are off (the window is short).
+    args = dataclasses.replace(args, save_strategy="no")
+    tensorboard = TensorBoardCallback(SummaryWriter(log_dir=tempfile.mkdtemp(prefix="bench-tb-")))
     return FtTrainer(
         model=model,
         args=args,
         train_dataset=Rows(rows),
         data_collator=PackedCollator(**speed.collator_kwargs(levers)),
-        callbacks=[timer.callback(), *speed.callbacks(levers)],
+        callbacks=[timer.callback(), tensorboard, *speed.callbacks(levers)],
         loss_mode=speed.loss_mode(levers),
         device="cuda",
     )

@@ -103,3 +103,36 @@ def test_bench_builds_every_case_through_ftpipes_own_config_and_training_argumen
         levers = speed.resolve(cfg["train"], "cuda")
         args = training_arguments(cfg, str(tmp_path / name), levers, "fp32", bench.ROW)  # bf16 needs the GPU
         assert args.per_device_train_batch_size * args.gradient_accumulation_steps == case["batch"], name
+
+
+def test_bench_command_cases_compose_into_valid_configs(tmp_path, monkeypatch):
+    """scripts/bench_command.py runs the `ftpipe` command on the GPU machine; here each case's overrides go
+    through compose + validate, so a renamed config key fails this test instead of the next GPU call."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import bench_command
+
+    from ftpipe.config import compose, validate
+
+    data = bench_command.corpus(tmp_path / "corpus.jsonl", 131072, 2)
+    words = [len(json.loads(line)["text"].split()) for line in data.read_text().splitlines()]
+    assert all(w * bench_command.TOKENS_PER_WORD > 131072 for w in words)  # each document fills a long row
+    for case in bench_command.CASES:
+        overrides = bench_command.overrides(case, "some/model", data, 10, tmp_path / "cache")
+        resolved = validate(compose([o for o in overrides if not o.startswith("hydra.")]))
+        assert resolved["train"]["max_steps"] == 10 and resolved["stages"] == ["train"], case
+
+
+def test_bench_reads_the_commands_packed_rows(tmp_path, monkeypatch):
+    """bench.py --rows-from: the pack entry's rows, with each row's documents found from its position_ids."""
+    import train_helpers as h
+
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import bench
+
+    pack_dir = h.packed_dataset_dir(tmp_path, h.tiny_model_dir(tmp_path))
+    rows = bench.packed_rows(str(pack_dir / "dataset"), 3)
+    for row in rows:
+        assert sum(row["doc_lengths"]) == len(row["input_ids"]) == len(row["position_ids"])
+        starts = (row["position_ids"] == 0).nonzero().squeeze(-1).tolist()
+        assert len(starts) == len(row["doc_lengths"])
+    assert bench.Rows(rows)[0]["input_ids"].dtype.kind == "i"  # numpy, as the train stage's dataset
