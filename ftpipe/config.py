@@ -425,6 +425,11 @@ def _validate_train(train: dict[str, Any], optimizer: dict[str, Any]) -> None:
         raise FtpipeError(
             f"config key `train.lora.last_layers` must be ≥ 1 or null, got {train['lora']['last_layers']}"
         )
+    chunk = train["speed"]["mlp_chunk_tokens"]
+    if chunk is not None and chunk < 0:
+        raise FtpipeError(
+            f"config key `train.speed.mlp_chunk_tokens` must be ≥ 0 (0: off) or null (auto), got {chunk}"
+        )
     if train["lora"]["r"] < 1:
         raise FtpipeError(f"config key `train.lora.r` must be ≥ 1, got {train['lora']['r']}")
     if optimizer["lr"] <= 0:

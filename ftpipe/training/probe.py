@@ -40,7 +40,7 @@ def search(step: Callable[[int], Attempt], start: int, limit: int, resolution: i
     that did not, to `resolution` tokens (lengths are multiples of it). Returns the attempts in order."""
     attempts: list[Attempt] = []
     fit_len, fail_len = 0, None
-    length = max(resolution, start // resolution * resolution)
+    length = min(limit, max(resolution, start // resolution * resolution))
     while True:
         attempt = step(length)
         attempts.append(attempt)

@@ -128,6 +128,7 @@ CASES = [
     ("wrong value type", lambda t: ["train.epochs=many"], "train.epochs=many", {}),
     ("non-numeric lr", lambda t: ["optimizer.lr=abc"], "optimizer.lr=abc", {}),
     ("negative lr", lambda t: ["optimizer.lr=-1"], "optimizer.lr", {}),
+    ("negative MLP chunk", lambda t: ["train.speed.mlp_chunk_tokens=-5"], "train.speed.mlp_chunk_tokens", {}),
     ("unknown train method", lambda t: ["train.method=qlora_full"], "train.method", {}),
     (
         "ZeRO-3 + 4-bit",

@@ -34,6 +34,8 @@ def test_search_doubles_then_bisects_to_the_resolution() -> None:
 def test_search_stops_at_the_limit_and_reports_nothing_when_nothing_fits() -> None:
     step, tried = _machine(10**9)
     assert longest(search(step, 8192, 100_000, 4096)).tokens == 100_000 and tried[-1] == 100_000
+    step, tried = _machine(10**9)
+    assert longest(search(step, 65536, 16384, 4096)).tokens == 16384 and tried == [16384]  # start above limit
     step, tried = _machine(1000)
     assert longest(search(step, 8192, 100_000, 4096)) is None and tried == [8192, 4096]  # bisects below too
 
