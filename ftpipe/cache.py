@@ -25,6 +25,9 @@ from .errors import FtpipeError
 log = logging.getLogger("ftpipe")
 
 MANIFEST = "manifest.json"
+# Beside the stage folders: what outlives one entry (fetched wheels and GGUFs, compiled ops and graphs); safe to
+# delete, refetched or rebuilt when a run needs it.
+SHARED = "shared"
 _HASH_MEMO = "file-hashes.json"
 # Entry folders are named by hex keys; anything else under a stage folder is not ours to list or delete.
 _ENTRY_NAME = re.compile(r"[0-9a-f]+(\.tmp)?")
@@ -192,6 +195,18 @@ class Cache:
                     yield CacheEntry(stage_dir.name, d.name, d, "complete")
                 elif d.name.endswith(".tmp"):
                     yield CacheEntry(stage_dir.name, d.name[: -len(".tmp")], d, "partial")
+
+    def shared_folders(self) -> list[tuple[Path, int]]:
+        """(folder, bytes) for each real folder in `shared/` (symlinks are neither followed nor counted)."""
+        shared = self.root / SHARED
+        if not self._owned(shared, self.root):
+            return []
+        found = []
+        for folder in sorted(shared.iterdir()):
+            if self._owned(folder, shared):
+                size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+                found.append((folder, size))
+        return found
 
     def strays(self) -> list[Path]:
         """Symlinks where stage or entry folders belong: listed for the user, never followed or deleted."""

@@ -144,6 +144,12 @@ def cmd_cache(args: list[str]) -> None:
             size = e.size_bytes
             total += size
             print(f"  {e.stage:<14} {e.key}  {e.state:<8} {size / 2**20:9.1f} MiB")
+        shared = cache.shared_folders()
+        if shared:
+            print("shared (outlives entries; safe to delete, refetched or rebuilt when needed):")
+        for folder, size in shared:
+            total += size
+            print(f"  {folder.relative_to(cache.root).as_posix():<35} {size / 2**20:9.1f} MiB")
         print(f"total {total / 2**20:.1f} MiB")
     elif ns.action == "verify":
         damaged = 0

@@ -18,14 +18,13 @@ from typing import Any
 
 from filelock import Timeout
 
-from .cache import Cache, sha256_of
+from .cache import SHARED, Cache, sha256_of
 from .errors import RESUMES, FtpipeError
 
 log = logging.getLogger("ftpipe")
 
 # Leaf names that tune how a stage runs, never what it produces; they stay out of every key.
 RUNTIME_KEYS = frozenset({"num_proc", "num_workers", "log_level", "progress", "dataloader_workers"})
-SHARED = "shared"  # under the cache root, beside the stage folders
 _LIBS = (
     "ftpipe",
     "torch",

@@ -165,3 +165,12 @@ def test_a_non_ascii_value_typed_unquoted_works_as_in_xtuners_tutorial(tmp_path)
     (row,) = run_json(tmp_path)["stages"]
     rows = (Path(row["output"]) / "data" / "raw" / "assistant.jsonl").read_text(encoding="utf-8")
     assert "伍鲜同志" in rows
+
+
+def test_cache_ls_counts_the_shared_folders(tmp_path):
+    """Compiled artefacts and fetched files live in shared/, beside the entries: `cache ls` shows their size."""
+    cache = tmp_path / "c"
+    (cache / "shared" / "build" / "inductor").mkdir(parents=True)
+    (cache / "shared" / "build" / "inductor" / "graph.bin").write_bytes(b"\0" * 3 * 2**20)
+    out = ftpipe("cache", "ls", cwd=tmp_path, cache=cache).stdout
+    assert "shared/build" in out and "3.0 MiB" in out and "total 3.0 MiB" in out, out
