@@ -63,32 +63,6 @@ SHAPES: dict[str, dict[str, Any]] = {
         bos_token_id=128000,
         eos_token_id=128009,
     ),
-    "llama-3.1-8b": dict(
-        model_type="llama",
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=131072,
-        rms_norm_eps=1e-5,
-        rope_theta=500000.0,
-        rope_scaling={
-            "factor": 8.0,
-            "high_freq_factor": 4.0,
-            "low_freq_factor": 1.0,
-            "original_max_position_embeddings": 8192,
-            "rope_type": "llama3",
-        },
-        tie_word_embeddings=False,
-        hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
-        bos_token_id=128000,
-        eos_token_id=128009,
-    ),
     "qwen2.5-7b": dict(
         model_type="qwen2",
         vocab_size=152064,
@@ -106,6 +80,17 @@ SHAPES: dict[str, dict[str, Any]] = {
         bos_token_id=151643,
         eos_token_id=151645,
     ),
+}
+
+# Llama-3.1-8B: Llama-3.2-1B's architecture at another size (its rope scaling factor 8, an untied head)
+SHAPES["llama-3.1-8b"] = {
+    **SHAPES["llama-3.2-1b"],
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "head_dim": 128,
+    "rope_scaling": {**SHAPES["llama-3.2-1b"]["rope_scaling"], "factor": 8.0},
+    "tie_word_embeddings": False,
 }
 
 # case -> shape, method, rows per step, checkpointing (HF: gradient_checkpointing; ftpipe: train.speed.checkpointing

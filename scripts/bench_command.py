@@ -32,7 +32,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from scaleout import WORDS, model_folder  # noqa: E402
+from scaleout import WORDS, ftpipe, ftpipe_env, model_folder, newest_entry  # noqa: E402
+from scaleout import corpus as short_documents  # noqa: E402
 
 # case -> shape, method, packed rows per step, checkpointing, row length
 CASES: dict[str, tuple[str, str, int, str, int]] = {
@@ -52,15 +53,13 @@ TOKENS_PER_WORD = 4.6  # the SmolLM2 tokenizer on these words ("w1234" -> 4-5 to
 def corpus(path: Path, row_len: int, rows: int, seed: int = 0) -> Path:
     """Rows of 2048: documents of 150-1500 words (700-7000 tokens, the longer ones split over rows). Long rows:
     each document a little longer than a row, so every row starts a document that fills it."""
+    if row_len <= 2048:  # (the tiny case: many rows of 256)
+        return short_documents(path, rows, seed)
     rng = random.Random(seed)
+    words = int(row_len / TOKENS_PER_WORD * 1.05)
     with open(path, "w") as fh:
-        if row_len <= 2048:  # (the tiny case: many rows of 256)
-            for _ in range(rows):
-                fh.write(json.dumps({"text": " ".join(rng.choices(WORDS, k=rng.randint(150, 1500)))}) + "\n")
-        else:
-            words = int(row_len / TOKENS_PER_WORD * 1.05)
-            for _ in range(rows):
-                fh.write(json.dumps({"text": " ".join(rng.choices(WORDS, k=words))}) + "\n")
+        for _ in range(rows):
+            fh.write(json.dumps({"text": " ".join(rng.choices(WORDS, k=words))}) + "\n")
     return path
 
 
@@ -93,17 +92,9 @@ def overrides(case: str, model: str, data: Path, steps: int, cache: Path) -> lis
 
 
 def run_ftpipe(args: list[str], env: dict[str, str], log: Path) -> tuple[int, float]:
+    """(exit code, wall seconds) of one `python -m ftpipe` run, its output appended to `log`."""
     began = time.time()
-    with open(log, "a") as fh:
-        rc = subprocess.run(
-            [sys.executable, "-m", "ftpipe", *args], env=env, stdout=fh, stderr=subprocess.STDOUT
-        ).returncode
-    return rc, round(time.time() - began, 1)
-
-
-def newest_entry(cache: Path, stage: str) -> tuple[Path, dict[str, Any]] | None:
-    found = sorted((cache / stage).glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
-    return (found[-1].parent, json.loads(found[-1].read_text())) if found else None
+    return ftpipe(args, env, log).returncode, round(time.time() - began, 1)
 
 
 def train_result(cache: Path) -> dict[str, Any]:
@@ -143,7 +134,7 @@ def main() -> int:
     started = time.time()
     out = ns.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = ftpipe_env()
     results: dict[str, Any] = {"argv": sys.argv[1:], "cases": {}, "harness": {}, "probe": {}}
     report = out / "command.json"
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))

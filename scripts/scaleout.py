@@ -134,19 +134,25 @@ def ftpipe(args: list[str], env: dict[str, str], log: Path, wait: bool = True):
     return proc
 
 
+def newest_entry(cache: Path, stage: str) -> tuple[Path, dict[str, Any]] | None:
+    """(folder, manifest) of the stage's newest committed entry in `cache`."""
+    found = sorted((cache / stage).glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    return (found[-1].parent, json.loads(found[-1].read_text())) if found else None
+
+
+def ftpipe_env() -> dict[str, str]:
+    """The environment for `python -m ftpipe` runs: this checkout's ftpipe first on the path."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
 def result_of(cache: Path) -> dict[str, Any]:
     """The case's committed entries, read from its cache (so a failed later stage still leaves its train)."""
-
-    def entry(stage: str) -> tuple[Path, dict] | None:
-        found = sorted((cache / stage).glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
-        return (found[-1].parent, json.loads(found[-1].read_text())) if found else None
-
-    train_dir, manifest = entry("train")  # type: ignore[misc]
+    train_dir, manifest = newest_entry(cache, "train")  # type: ignore[misc]
     train = manifest["metrics"]
     history = json.loads((train_dir / "log_history.json").read_text())
     logs = [r for r in history if "loss" in r]
     rates = [r["tokens_per_second"] for r in logs[2:] if r.get("tokens_per_second")]
-    merged = entry("merge")
+    merged = newest_entry(cache, "merge")
     return {
         "losses": [r["loss"] for r in logs],
         "tokens_per_second": statistics.median(rates) if rates else None,
@@ -222,7 +228,7 @@ def main() -> int:
     started = time.time()
     out = ns.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = ftpipe_env()
     env.setdefault("TORCH_EXTENSIONS_DIR", str(out / "torch_extensions"))
     model = model_folder(ns.shape, Path(os.environ.get("TMPDIR", "/tmp")))
     data = corpus(out / "corpus.jsonl", 400 if ns.shape == "tiny" else 600)
