@@ -2,8 +2,8 @@
 """The speed a user gets: the `ftpipe` command itself, timed from its own logs, beside the bench's harness on
 the same rows (issue 18).
 
-    python scripts/bench_command.py OUT [--cases lora,lora_offload,qlora,long128k] [--steps 60]
-        [--warm lora] [--harness lora,qlora] [--probe llama-3.1-8b:qlora:262144] [--deadline SECONDS]
+    python scripts/bench_command.py OUT [--cases lora,lora_offload,qlora,long128k,lora@KEY=VALUE] [--steps 60]
+        [--warm lora] [--harness lora,qlora] [--probe llama-3.1-8b:qlora:262144[:START]] [--deadline SECONDS]
 
 Each case is one `python -m ftpipe ... stages=[train]` run on a random-init model of a real shape saved as a
 local folder (scripts/scaleout.py: the SmolLM2 tokenizer beside it) and a plain-text corpus packed into rows of
@@ -14,7 +14,9 @@ stage's entry: `train_tokens_per_second_steady` (median of the logged rates afte
   while the compiled artefacts (under the cache's shared/build) are found: the warm start.
 - `--harness CASE,...`: `scripts/bench.py --sides ftpipe,hf --rows-from <the case's packed rows>`, so the
   harness and HF Trainer + PEFT train on exactly the command's rows, in the same call.
-- `--probe SHAPE:METHOD:MAX`: `ftpipe probe` on that shape (the longest single sequence that trains).
+- `CASE@KEY=VALUE@...`: that case with overrides of its own (an A/B in the same call), in a cache of its own.
+- `--probe SHAPE:METHOD:MAX[:START]`: `ftpipe probe` on that shape (the longest single sequence that trains),
+  doubling from START (32768) tokens.
 Results: OUT/command.json (rewritten after each piece) and a table on stdout.
 """
 
@@ -24,6 +26,7 @@ import argparse
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -142,23 +145,25 @@ def main() -> int:
     def late() -> bool:
         return bool(ns.deadline) and time.time() - started > ns.deadline
 
-    for case in filter(None, ns.cases.split(",")):
+    for spec in filter(None, ns.cases.split(",")):
         if late():
-            results["cases"][case] = {"skipped": "deadline"}
+            results["cases"][spec] = {"skipped": "deadline"}
             continue
+        case, *own = spec.split("@")
         shape, _, rows, _, row_len = CASES[case]
         model = model_folder(shape, tmp)
         steps = ns.long_steps if row_len > 2048 else ns.steps
         data = corpus(out / f"corpus_{row_len}.jsonl", row_len, max(8, steps * rows // 2 + 8))
-        cache = out / "cache" / case
-        args = [*overrides(case, model, data, steps, cache), *ns.extra.split()]
-        rc, wall = run_ftpipe(args, env, out / f"{case}.log")
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", spec)  # a folder name Hydra's override grammar takes
+        cache = out / "cache" / name
+        args = [*overrides(case, model, data, steps, cache), *ns.extra.split(), *own]
+        rc, wall = run_ftpipe(args, env, out / f"{name}.log")
         res = {"rc": rc, "wall_seconds": wall, **train_result(cache)}
-        if case in ns.warm.split(","):
-            rc2, wall2 = run_ftpipe([*args, "optimizer.lr=1e-4"], env, out / f"{case}_warm.log")
+        if spec in ns.warm.split(","):
+            rc2, wall2 = run_ftpipe([*args, "optimizer.lr=1e-4"], env, out / f"{name}_warm.log")
             res["warm"] = {"rc": rc2, "wall_seconds": wall2, **train_result(cache)}
-        if case in ns.harness.split(",") and (rows_dir := pack_dir(cache)):
-            harness_json = out / f"harness_{case}.json"
+        if spec in ns.harness.split(",") and (rows_dir := pack_dir(cache)):
+            harness_json = out / f"harness_{name}.json"
             cmd = [
                 sys.executable,
                 str(ROOT / "scripts" / "bench.py"),
@@ -170,24 +175,24 @@ def main() -> int:
                 str(harness_json),
                 *ns.harness_args.split(),
             ]
-            with open(out / f"harness_{case}.log", "w") as fh:
+            with open(out / f"harness_{name}.log", "w") as fh:
                 subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
             if harness_json.is_file():
                 runs = json.loads(harness_json.read_text()).get("runs", [])
-                results["harness"][case] = {
+                results["harness"][spec] = {
                     r["side"]: {k: r.get(k) for k in ("tok_s", "peak_gib", "step_ms", "error")} for r in runs
                 }
-        results["cases"][case] = res
+        results["cases"][spec] = res
         report.write_text(json.dumps(results, indent=1))
         print(
-            f"{case}: {json.dumps({k: v for k, v in res.items() if k not in ('rates', 'losses')})}",
+            f"{spec}: {json.dumps({k: v for k, v in res.items() if k not in ('rates', 'losses')})}",
             flush=True,
         )
     for spec in ns.probe:
         if late():
             results["probe"][spec] = {"skipped": "deadline"}
             continue
-        shape, method, limit = spec.split(":")
+        shape, method, limit, *start = spec.split(":")
         model = model_folder(shape, tmp)
         attempts = out / f"probe_{shape}_{method}.json"
         args = [
@@ -200,7 +205,7 @@ def main() -> int:
             "train.lora.target_modules=all-linear",
             f"cache_dir={out / 'cache' / 'probe'}",
             "--start",
-            "32768",
+            start[0] if start else "32768",
             "--max-tokens",
             limit,
             "--resolution",

@@ -3,8 +3,10 @@
 The model is built as the train stage builds it (same levers, resolved for the longest length tried), then
 whole training steps (forward, backward, optimizer step) run on one document of random tokens, doubling its
 length until a step runs out of memory or the limit is reached, then bisecting between the longest that fit
-and the shortest that did not. One timed step per length, after one untimed step at the first length (it
-compiles the layers, which are generic in the length from then on: speed.compiled.dynamic_in_length).
+and the shortest that did not. One timed step per length, after one untimed step that compiles the layers (they
+are generic in the length from then on: speed.compiled.dynamic_in_length); it runs at the first length or at
+the long-document length (attention.LONG_DOCUMENT) if that is shorter, so probing 256k tokens does not spend
+a 256k-token step on compiling. A timed step during which anything was compiled says so (`compiled`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Attempt:
     fits: bool
     peak_gib: float | None = None
     step_seconds: float | None = None
+    compiled: bool = False  # the timed step compiled a graph: its time holds the compilation
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -76,6 +79,7 @@ def probe(
     from .collator import PackedCollator
     from .devices import autocast_dtype, precision, train_device
     from .model import QUANTIZED, load_for_training
+    from .speed.attention import LONG_DOCUMENT
     from .speed.loss import training_loss
 
     # The frozen prefix caches the bottom layers' output of each dataset row; a probe's rows are new each time.
@@ -105,20 +109,24 @@ def probe(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def step(tokens: int) -> Attempt:
+    def document(tokens: int) -> dict[str, Any]:
         ids = torch.randint(0, vocab, (tokens,))
         row = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(tokens)}
-        batch = {
+        return {
             k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
             for k, v in collator([row]).items()
         }
+
+    def step(tokens: int) -> Attempt:
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         try:
-            if not warm[0]:  # untimed: it compiles; the graph is generic in the length from then on
-                one_step(batch)
+            if not warm[0]:  # untimed: it compiles
+                one_step(document(min(tokens, LONG_DOCUMENT)))
                 warm[0] = True
+            batch = document(tokens)
+            graphs = _graphs_compiled()
             if cuda:
                 torch.cuda.synchronize()
             began = time.perf_counter()
@@ -131,8 +139,14 @@ def probe(
             attempt = Attempt(tokens, fits=False)
         else:
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-            attempt = Attempt(tokens, True, round(peak, 2) if peak is not None else None, round(seconds, 3))
-        del batch
+            attempt = Attempt(
+                tokens,
+                True,
+                round(peak, 2) if peak is not None else None,
+                round(seconds, 3),
+                compiled=_graphs_compiled() != graphs,
+            )
+        batch = None
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
@@ -140,15 +154,22 @@ def probe(
         if attempt.fits:
             peak_text = f"peak {attempt.peak_gib:.2f} GiB, " if attempt.peak_gib is not None else ""
             log.info(
-                "[probe] %d tokens%s: fits, %s%.2f s a step, %.0f tokens/s",
+                "[probe] %d tokens%s: fits, %s%.2f s a step, %.0f tokens/s%s",
                 tokens,
                 beyond,
                 peak_text,
                 attempt.step_seconds,
                 attempt.tokens_per_second,
+                " (the step compiled a graph: its time holds that)" if attempt.compiled else "",
             )
         else:
             log.info("[probe] %d tokens%s: out of memory", tokens, beyond)
         return attempt
 
     return search(step, start, limit, resolution)
+
+
+def _graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]

@@ -420,3 +420,65 @@ def test_a_row_that_is_one_long_document_takes_the_single_document_kernel(monkey
         None, short, short, short, None, cu_seq_lens_q=torch.tensor([0, 16]), max_length_q=16
     )
     assert calls == ["one", "varlen", "varlen"]
+
+
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_offloaded_checkpoint_replays_the_kept_attention_output(device: str, monkeypatch) -> None:
+    """Over one long document a checkpointed layer's recompute takes the attention output kept from its first
+    forward: one attention forward per layer a step instead of two, and the same loss and gradients as plain
+    autograd. Over the keeper's budget a layer recomputes its attention (still the same gradients). On the GPU:
+    cuDNN's kernels, layer inputs and kept outputs parked in pinned host memory."""
+    from ftpipe.training.speed import checkpointing as ckpt
+
+    cuda = device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+
+    calls: list[int] = []
+    kernel = attn._attention_kernel
+    monkeypatch.setattr(attn, "_attention_kernel", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    torch.manual_seed(0)
+    heads, dim, tokens, layers = (4, 64, 256, 3) if cuda else (4, 8, 48, 3)  # cuDNN: head dims of 64+
+    projections = [
+        torch.nn.Linear(heads * dim, 3 * heads * dim, device=device, dtype=dtype) for _ in range(layers)
+    ]
+    offloader = (lambda: ckpt.ActivationOffloader()) if cuda else (lambda: None)  # noqa: E731
+
+    def layer(i: int, h: torch.Tensor) -> torch.Tensor:
+        q, k, v = projections[i](h).view(1, tokens, 3, heads, dim).permute(2, 0, 3, 1, 4)
+        return h + attn._one_long_document(q, k, v, dim**-0.5).reshape(1, tokens, heads * dim)
+
+    def loss_and_grads(keeper: ckpt.AttentionKeeper | None, checkpointed: bool) -> tuple:
+        for p in (p for m in projections for p in m.parameters()):
+            p.grad = None
+        h = torch.randn(1, tokens, heads * dim, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+        anchor = torch.zeros((), requires_grad=True)
+        if keeper is not None:
+            keeper.reset()
+        parked = offloader()
+        for i in range(layers):
+            run = lambda x, i=i: layer(i, x)  # noqa: E731
+            h = ckpt.OffloadedCheckpoint.apply(run, parked, keeper, h, anchor) if checkpointed else run(h)
+        loss = h.pow(2).mean()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for m in projections for p in m.parameters()]
+
+    plain_loss, plain_grads = loss_and_grads(None, checkpointed=False)
+    calls.clear()
+    loss, grads = loss_and_grads(ckpt.AttentionKeeper(offloader(), layers, budget=10**9), checkpointed=True)
+    assert len(calls) == layers  # each layer's attention ran forward once; backward used the kept output
+    torch.testing.assert_close(loss, plain_loss)
+    for g, ref in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(g, ref)
+    out_bytes = tokens * heads * dim * dtype.itemsize
+    calls.clear()
+    keeper = ckpt.AttentionKeeper(offloader(), layers, budget=(layers + 1) * out_bytes)
+    loss, grads = loss_and_grads(keeper, checkpointed=True)
+    assert len(calls) == layers + (layers - 1)  # only the first layer's output fitted the budget
+    for g, ref in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(g, ref)
+    calls.clear()
+    loss_and_grads(None, checkpointed=True)  # no keeper: every layer recomputes its attention
+    assert len(calls) == 2 * layers

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...data import boundaries
+from . import checkpointing
 from .policy import Levers
 from .stack import decoder_stack
 
@@ -105,12 +106,74 @@ def _one_long_document(
     if key.shape[1] != query.shape[1]:
         rep = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
-    # the log-sum-exp is what the backward needs; a no-grad forward (a checkpoint's) skips it
+    return _long_document_attention(query, key, value, scaling).transpose(1, 2)
+
+
+@torch._dynamo.disable  # it hands tensors between a checkpoint's two forwards: host-side state, not a graph
+def _long_document_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None
+) -> torch.Tensor:
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    out = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        query, key, value, None, grad, 0.0, True, False, scale=scaling
-    )[0]
-    return out.transpose(1, 2)
+    if not grad and not checkpointing.keeping():  # a plain no-grad forward: no log-sum-exp needed
+        return _attention_kernel(query, key, value, scaling, with_lse=False)[0]
+    return _LongDocument.apply(query, key, value, scaling, checkpointing.replayed_attention(query.device))
+
+
+def _attention_kernel(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None, with_lse: bool
+) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """(output, log-sum-exp, what else the backward takes): cuDNN's fused attention on the GPU, PyTorch's
+    flash kernel on the CPU."""
+    if query.device.type == "cuda":
+        r = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            query, key, value, None, with_lse, 0.0, True, False, scale=scaling
+        )
+        return r[0], r[1], (r[6], r[7], r[2], r[3], r[4], r[5])  # philox seed/offset, cum_seq q/k, max q/k
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, True, scale=scaling
+    )
+    return out, lse, ()
+
+
+class _LongDocument(torch.autograd.Function):
+    """The kernel's forward (or the output kept from a checkpoint's first forward: `kept`) and its backward."""
+
+    @staticmethod
+    def forward(ctx: Any, query, key, value, scaling: float | None, kept: tuple | None) -> torch.Tensor:
+        out, lse, aux = kept if kept is not None else _attention_kernel(query, key, value, scaling, True)
+        checkpointing.keep_attention(out, lse, aux)  # only inside an offloaded checkpoint's first forward
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.scaling, ctx.aux = scaling, aux
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        query, key, value, out, lse = ctx.saved_tensors
+        if query.device.type == "cuda":
+            seed, offset, cum_q, cum_k, max_q, max_k = ctx.aux
+            grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                grad,
+                query,
+                key,
+                value,
+                out,
+                lse,
+                seed,
+                offset,
+                None,
+                cum_q,
+                cum_k,
+                max_q,
+                max_k,
+                0.0,
+                True,
+                scale=ctx.scaling,
+            )
+        else:
+            grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad, query, key, value, out, lse, 0.0, True, scale=ctx.scaling
+            )
+        return (*grads, None, None)
 
 
 _FLEX_COMPILED: Callable[..., Any] | None = None

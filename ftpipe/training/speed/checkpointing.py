@@ -1,11 +1,13 @@
 """Decoder layers recomputed in backward (`train.speed.checkpointing`) and/or compiled (`train.speed.compile`):
 `wrap_layers` wraps each layer in place. `full` is transformers' own non-reentrant checkpointing
 (`enable_full`); `offload` keeps each layer's input in pinned host memory; `selective` keeps matmul and attention
-outputs and recomputes the cheap elementwise ops."""
+outputs and recomputes the cheap elementwise ops. Under `offload` the attention over one long document keeps its
+output from the first forward for the recompute (`AttentionKeeper`)."""
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -72,13 +74,103 @@ class ActivationOffloader:
         return gpu
 
 
+def host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class AttentionKeeper:
+    """Keeps the attention output (and log-sum-exp) of each checkpointed layer's no-grad forward, so the layer's
+    recompute in backward hands them to attention's backward instead of running attention's forward again.
+    Over one long document attention is most of a layer's work (a 131k-token row of a 1B model: ~2 s of a 14 s
+    step is that second forward). The outputs go to pinned host memory like the layers' inputs (`offloader`;
+    None keeps them where they are, as on the CPU); a layer whose output would take the pinned total over half
+    the machine's memory recomputes its attention instead.
+
+    The attention function reaches the keeper through `keeping()` / `replayed_attention()`, set only while a checkpoint
+    runs its layer (`OffloadedCheckpoint`)."""
+
+    def __init__(self, offloader: ActivationOffloader | None, layers: int, budget: int | None = None) -> None:
+        self.offloader, self.layers = offloader, layers
+        self.budget = host_memory_bytes() // 2 if budget is None else budget
+        self.kept = 0  # outputs kept this step
+
+    def reset(self) -> None:
+        self.kept = 0
+        if self.offloader is not None:
+            self.offloader.reset()
+
+    def keep(self, records: list, out: torch.Tensor, lse: torch.Tensor, aux: tuple) -> None:
+        # the layers' inputs are as large as an attention output and all of them are parked too
+        if (self.layers + self.kept + 1) * out.nbytes > self.budget:
+            records.append(None)
+            return
+        self.kept += 1
+        # [B, T, H, D] is the output's memory order (it follows the query's); the copy wants it contiguous
+        stored = out.transpose(1, 2)
+        if self.offloader is not None:
+            stored = self.offloader.save(stored)
+        records.append((stored, lse, aux))
+
+    def replay(self, records: list, device: torch.device) -> tuple | None:
+        record = records.pop(0) if records else None
+        if record is None:
+            return None
+        stored, lse, aux = record
+        if self.offloader is not None:
+            stored = self.offloader.load(stored, device)
+        return stored.transpose(1, 2), lse, aux
+
+
+# (keeper, records of the running layer, "keep" | "replay") while a checkpoint runs a layer
+_ATTENTION: tuple[AttentionKeeper, list, str] | None = None
+
+
+def keeping() -> bool:
+    """True inside a checkpoint's no-grad forward whose attention outputs are kept for the recompute."""
+    return _ATTENTION is not None and _ATTENTION[2] == "keep"
+
+
+def keep_attention(out: torch.Tensor, lse: torch.Tensor, aux: tuple) -> None:
+    if keeping():
+        keeper, records, _ = _ATTENTION
+        keeper.keep(records, out, lse, aux)
+
+
+def replayed_attention(device: torch.device) -> tuple | None:
+    """(output, log-sum-exp, the kernel's other outputs) kept for this layer's recompute, or None."""
+    if _ATTENTION is None or _ATTENTION[2] != "replay":
+        return None
+    keeper, records, _ = _ATTENTION
+    return keeper.replay(records, device)
+
+
+class _Attending:
+    def __init__(self, keeper: AttentionKeeper | None, records: list, mode: str) -> None:
+        self.state = (keeper, records, mode) if keeper is not None else None
+
+    def __enter__(self) -> None:
+        global _ATTENTION
+        self.before, _ATTENTION = _ATTENTION, self.state
+
+    def __exit__(self, *exc: Any) -> None:
+        global _ATTENTION
+        _ATTENTION = self.before
+
+
 class OffloadedCheckpoint(torch.autograd.Function):
     """Checkpoint a layer: forward without saving activations, its input parked on the host; backward brings
     the input back, recomputes the layer with grad and back-propagates through it (reentrant style)."""
 
     @staticmethod
-    def forward(ctx: Any, run: Callable, offloader: ActivationOffloader | None, hidden: torch.Tensor, *rest):
-        ctx.run, ctx.offloader = run, offloader
+    def forward(
+        ctx: Any,
+        run: Callable,
+        offloader: ActivationOffloader | None,
+        keeper: AttentionKeeper | None,
+        hidden: torch.Tensor,
+        *rest,
+    ):
+        ctx.run, ctx.offloader, ctx.keeper, ctx.kept = run, offloader, keeper, []
         kind = hidden.device.type
         ctx.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
         if offloader is not None:
@@ -86,7 +178,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
         else:
             ctx.save_for_backward(hidden)
         ctx.device = hidden.device
-        with torch.no_grad():
+        with torch.no_grad(), _Attending(keeper, ctx.kept, "keep"):
             return run(hidden)
 
     @staticmethod
@@ -95,12 +187,16 @@ class OffloadedCheckpoint(torch.autograd.Function):
             hidden = ctx.offloader.load(ctx.slot, ctx.device)
         else:
             (hidden,) = ctx.saved_tensors
-        hidden = hidden.detach().requires_grad_(ctx.needs_input_grad[2])
+        hidden = hidden.detach().requires_grad_(ctx.needs_input_grad[3])
         kind, enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(kind, dtype=dtype, enabled=enabled):
+        with (
+            torch.enable_grad(),
+            torch.autocast(kind, dtype=dtype, enabled=enabled),
+            _Attending(ctx.keeper, ctx.kept, "replay"),
+        ):
             out = ctx.run(hidden)
         torch.autograd.backward(out, grad)
-        return (None, None, hidden.grad if ctx.needs_input_grad[2] else None, None)
+        return (None, None, None, hidden.grad if ctx.needs_input_grad[3] else None, None)
 
 
 def wrap_layers(model: nn.Module, levers: Levers) -> None:
@@ -109,8 +205,9 @@ def wrap_layers(model: nn.Module, levers: Levers) -> None:
     # "full" is transformers' own (non-reentrant) checkpointing, switched on before PEFT (`enable_full`).
     mode = levers.checkpointing if levers.checkpointing in ("offload", "selective") else "none"
     offloader = ActivationOffloader() if mode == "offload" else None
+    keeper = AttentionKeeper(ActivationOffloader(), len(stack.layers)) if mode == "offload" else None
     if offloader is not None:
-        stack.register_forward_pre_hook(lambda *_: offloader.reset())
+        stack.register_forward_pre_hook(lambda *_: (offloader.reset(), keeper.reset()))
     if levers.compile:
         compiled.configure(levers)
     # A tensor that needs grad, so the checkpoint node is part of the graph even where the layer's input
@@ -124,11 +221,16 @@ def wrap_layers(model: nn.Module, levers: Levers) -> None:
         if mode in ("none", "selective"):
             layer.forward = run
             continue
-        layer.forward = functools.partial(_checkpointed_forward, run, offloader, anchor)
+        layer.forward = functools.partial(_checkpointed_forward, run, offloader, keeper, anchor)
 
 
 def _checkpointed_forward(
-    run: Callable, offloader: ActivationOffloader | None, anchor: torch.Tensor, *args: Any, **kwargs: Any
+    run: Callable,
+    offloader: ActivationOffloader | None,
+    keeper: AttentionKeeper | None,
+    anchor: torch.Tensor,
+    *args: Any,
+    **kwargs: Any,
 ) -> Any:
     hidden, args = (args[0], args[1:]) if args else (kwargs.pop("hidden_states"), ())
     if not torch.is_grad_enabled():
@@ -140,7 +242,7 @@ def _checkpointed_forward(
         shape[:] = [isinstance(out, tuple)]
         return out[0] if isinstance(out, tuple) else out
 
-    out = OffloadedCheckpoint.apply(body, offloader, hidden, anchor)
+    out = OffloadedCheckpoint.apply(body, offloader, keeper, hidden, anchor)
     return (out,) if shape and shape[0] else out
 
 
