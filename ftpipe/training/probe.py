@@ -4,9 +4,10 @@ The model is built as the train stage builds it (same levers, resolved for the l
 whole training steps (forward, backward, optimizer step) run on one document of random tokens, doubling its
 length until a step runs out of memory or the limit is reached, then bisecting between the longest that fit
 and the shortest that did not. One timed step per length, after one untimed step that compiles the layers (they
-are generic in the length from then on: speed.compiled.dynamic_in_length); it runs at the first length or at
-the long-document length (attention.LONG_DOCUMENT) if that is shorter, so probing 256k tokens does not spend
-a 256k-token step on compiling. A timed step during which anything was compiled says so (`compiled`).
+are generic in the length from then on: speed.compiled.dynamic_in_length); it runs at the first length or, if
+shorter, at the shortest length that takes the long-sequence branches (one-document attention, chunked MLP), so
+probing 256k tokens does not spend a 256k-token step on compiling. A timed step during which anything was
+compiled says so (`compiled`).
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ def probe(
     cast = autocast_dtype(prec)
     cuda = device == "cuda"
     warm = [False]  # the first step compiles the layers
+    # longer than a chunk of the MLP and a long document, so the timed lengths take no branch it did not compile
+    warm_up_tokens = 2 * max(LONG_DOCUMENT, levers.mlp_chunk_tokens)
 
     def one_step(batch: dict[str, Any]) -> None:
         with torch.autocast(device, dtype=cast or torch.float32, enabled=cast is not None):
@@ -123,7 +126,7 @@ def probe(
             torch.cuda.reset_peak_memory_stats()
         try:
             if not warm[0]:  # untimed: it compiles
-                one_step(document(min(tokens, LONG_DOCUMENT)))
+                one_step(document(min(tokens, warm_up_tokens)))
                 warm[0] = True
             batch = document(tokens)
             graphs = _graphs_compiled()

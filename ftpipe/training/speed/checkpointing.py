@@ -207,9 +207,14 @@ def wrap_layers(model: nn.Module, levers: Levers) -> None:
     offloader = ActivationOffloader() if mode == "offload" else None
     keeper = AttentionKeeper(ActivationOffloader(), len(stack.layers)) if mode == "offload" else None
     if offloader is not None:
-        stack.register_forward_pre_hook(lambda *_: (offloader.reset(), keeper.reset()))
+
+        def new_step(*_: Any) -> None:  # (a pre-hook's return value would replace the stack's arguments)
+            offloader.reset()
+            keeper.reset()
+
+        stack.register_forward_pre_hook(new_step)
     if levers.compile:
-        compiled.configure(levers)
+        compiled.configure(levers, len(stack.layers))
     # A tensor that needs grad, so the checkpoint node is part of the graph even where the layer's input
     # (the frozen embeddings' output) does not need grad.
     anchor = torch.zeros((), requires_grad=True)

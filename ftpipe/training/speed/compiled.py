@@ -22,12 +22,18 @@ def set_allocator() -> None:
         pass
 
 
-def configure(levers: Levers) -> None:
+def configure(levers: Levers, layers: int) -> None:
     """dynamo's cache for one graph per layer variant, and the partitioner's activation budget."""
     import torch._dynamo as dynamo
     import torch._functorch.config as functorch_config
 
-    dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
+    # All layers share one code object (and so one cache): an entry per layer, grad mode (a checkpoint's
+    # forward runs without grad, its recompute with) and branch (a long document's attention and chunked MLP
+    # break the graph, whose resume function is shared again). A full cache falls back to eager: a 32-layer
+    # Llama-3.1-8B over 64 entries ran the rest of its layers uncompiled.
+    per_code = max(64, 8 * layers)
+    dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, per_code)
+    dynamo.config.accumulated_cache_size_limit = max(dynamo.config.accumulated_cache_size_limit, 2 * per_code)
     # Read when the layers compile (at the first step): below 1.0 the partitioner recomputes the cheapest
     # activations (elementwise ops first) in backward instead of keeping them.
     functorch_config.activation_memory_budget = levers.activation_budget or 1.0
