@@ -71,13 +71,15 @@ def losses(train_row: dict) -> list[float]:
     return [row["loss"] for row in history if "loss" in row]
 
 
-def worker_pids(rank: int | None = None) -> list[int]:
-    """Live ftpipe rank processes (only global rank `rank` if given), read from /proc."""
+def worker_pids(where: Path, rank: int | None = None) -> list[int]:
+    """Live ftpipe rank processes of the run in `where` (only global rank `rank` if given), read from /proc.
+    Other tests' runs (other files, other pytest workers) are left out: their launch spec is elsewhere."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
             cmdline = (proc / "cmdline").read_bytes()
-            if b"ftpipe.training.worker" not in cmdline:  # ranks, and the torchrun agent that started them
+            # ranks, and the torchrun agent that started them, of this run
+            if b"ftpipe.training.worker" not in cmdline or str(where).encode() not in cmdline:
                 continue
             environ = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
@@ -116,7 +118,7 @@ def test_a_killed_rank_fails_the_stage_naming_it_and_the_rerun_resumes_to_one_pr
         )
         time.sleep(0.05)
     assert checkpoint is not None, proc.communicate()[1][-3000:]
-    (victim,) = worker_pids(rank=1)
+    (victim,) = worker_pids(tmp_path, rank=1)
     os.kill(victim, signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=300)
     out = stdout + stderr
@@ -126,7 +128,7 @@ def test_a_killed_rank_fails_the_stage_naming_it_and_the_rerun_resumes_to_one_pr
     assert "Traceback" not in stdout.split("rank 1 failed")[-1]  # ftpipe's own message is one paragraph
     assert not list((tmp_path / "cache" / "train").glob("*/manifest.json"))  # nothing committed
     time.sleep(1)
-    assert worker_pids() == []  # the other rank was stopped too
+    assert worker_pids(tmp_path) == []  # the other rank was stopped too
 
     rc, out = ftpipe(tmp_path, env, *args)
     assert rc == 0, out[-3000:]
@@ -162,16 +164,22 @@ def test_show_prints_the_global_batch_the_deepspeed_config_and_each_nodes_comman
 def test_ranks_do_not_outlive_a_killed_torchrun_agent(tmp_path, env):
     proc = ftpipe(tmp_path, env, "launcher=torchrun", *TWO_RANKS, wait=False)
     deadline = time.time() + 300
-    while len(worker_pids()) < 3 and time.time() < deadline and proc.poll() is None:  # the agent + two ranks
+    while (
+        len(worker_pids(tmp_path)) < 3 and time.time() < deadline and proc.poll() is None
+    ):  # the agent + two ranks
         time.sleep(0.1)
-    agents = [p for p in worker_pids() if b"torch.distributed.run" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    agents = [
+        p
+        for p in worker_pids(tmp_path)
+        if b"torch.distributed.run" in Path(f"/proc/{p}/cmdline").read_bytes()
+    ]
     assert len(agents) == 1, proc.communicate()[1][-3000:]
     os.kill(agents[0], signal.SIGKILL)
     stdout, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0
     assert "torchrun agent of launcher=torchrun was killed by SIGKILL" in stdout
     time.sleep(2)
-    assert worker_pids() == []
+    assert worker_pids(tmp_path) == []
     assert not list((tmp_path / "cache" / "train").glob("*/manifest.json"))
 
 

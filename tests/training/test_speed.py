@@ -1,6 +1,7 @@
-"""CPU checks of the speed levers (ftpipe/training/speed/) that run without a GPU: per-document attention, the fused loss, fused LoRA,
-checkpointing, padding-free batches. The CUDA-only parts (varlen kernel, Liger, offload, compile) are checked by
-the correctness guard in scripts/bench.py on the GPU machine."""
+"""CPU checks of the speed levers (ftpipe/training/speed/) that run without a GPU: per-document attention, the
+fused loss, fused LoRA, checkpointing, padding-free batches. The CUDA-only parts (varlen kernel, Liger, offload,
+compile) are checked by the correctness guard in scripts/bench.py on the GPU machine; tests marked with a
+`cuda` case run there too (`pytest tests/training/test_speed.py`)."""
 
 from __future__ import annotations
 

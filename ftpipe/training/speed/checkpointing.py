@@ -86,8 +86,8 @@ class AttentionKeeper:
     None keeps them where they are, as on the CPU); a layer whose output would take the pinned total over half
     the machine's memory recomputes its attention instead.
 
-    The attention function reaches the keeper through `keeping()` / `replayed_attention()`, set only while a checkpoint
-    runs its layer (`OffloadedCheckpoint`)."""
+    The attention function reaches the keeper through `keeping()` / `replayed_attention()`, set only while a
+    checkpoint runs its layer (`OffloadedCheckpoint`)."""
 
     def __init__(self, offloader: ActivationOffloader | None, layers: int, budget: int | None = None) -> None:
         self.offloader, self.layers = offloader, layers
