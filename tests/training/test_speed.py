@@ -240,7 +240,7 @@ def test_fp32_training_on_cuda_avoids_the_bf16_only_varlen_kernel() -> None:
     assert speed.resolve({"method": "lora", "precision": "bf16", "speed": {}}, "cuda").attention == "varlen"
 
 
-def _tiny_peft(train_cfg: dict | None):
+def _tiny_peft(train_cfg: dict | None, before_peft=None):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -261,6 +261,8 @@ def _tiny_peft(train_cfg: dict | None):
     model.config.use_cache = False
     if train_cfg:
         model = speed.patch_model(model, train_cfg, levers)
+    if before_peft is not None:
+        before_peft(model)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     torch.manual_seed(1)
     model = get_peft_model(model, lora, **(speed.peft_kwargs(levers) if train_cfg else {}))
@@ -483,3 +485,39 @@ def test_offloaded_checkpoint_replays_the_kept_attention_output(device: str, mon
     calls.clear()
     loss_and_grads(None, checkpointed=True)  # no keeper: every layer recomputes its attention
     assert len(calls) == 2 * layers
+
+
+class _HostParking:
+    """ActivationOffloader's interface without CUDA streams: tensors stay where they are."""
+
+    def reset(self) -> None:
+        pass
+
+    def save(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def load(self, slot: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return slot
+
+
+def test_offloaded_checkpointing_wraps_the_layers_of_a_model(monkeypatch) -> None:
+    """`wrap_layers` in offload mode on a whole model (the parking made host-only, so it runs on the CPU): the
+    stack's new-step hook, every layer's checkpoint and recompute give the plain model's loss and gradients."""
+    from ftpipe.training.speed import checkpointing as ckpt
+    from ftpipe.training.speed.policy import Levers
+
+    monkeypatch.setattr(ckpt, "ActivationOffloader", _HostParking)
+    levers = Levers("cpu", "sdpa", "off", False, False, "offload", "fp32")
+    pos = torch.arange(48)[None]
+    batch = {"input_ids": torch.randint(0, 256, (1, 48)), "position_ids": pos}
+    batch["labels"] = batch["input_ids"]
+    ref_loss, ref_grads = _loss_grads(_tiny_peft(None), batch)
+    recomputed: list[int] = []
+    backward = ckpt.OffloadedCheckpoint.backward
+    monkeypatch.setattr(ckpt.OffloadedCheckpoint, "backward", lambda *a: recomputed.append(1) or backward(*a))
+    loss, grads = _loss_grads(_tiny_peft(None, lambda m: ckpt.wrap_layers(m, levers)), batch)
+    assert len(recomputed) == 2  # both layers went through the checkpoint
+    torch.testing.assert_close(loss, ref_loss)
+    assert set(grads) == set(ref_grads)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
