@@ -30,7 +30,7 @@ def configure(levers: Levers, layers: int) -> None:
     # All layers share one code object (and so one cache): an entry per layer, grad mode (a checkpoint's
     # forward runs without grad, its recompute with) and branch (a long document's attention and chunked MLP
     # break the graph, whose resume function is shared again). A full cache falls back to eager: a 32-layer
-    # Llama-3.1-8B over 64 entries ran the rest of its layers uncompiled.
+    # Llama-3.1-8B over 64 entries ran part of its later layers uncompiled.
     per_code = max(64, 8 * layers)
     dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, per_code)
     dynamo.config.accumulated_cache_size_limit = max(dynamo.config.accumulated_cache_size_limit, 2 * per_code)
