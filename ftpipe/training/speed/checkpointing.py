@@ -204,9 +204,10 @@ def wrap_layers(model: nn.Module, levers: Levers) -> None:
     stack = decoder_stack(model)
     # "full" is transformers' own (non-reentrant) checkpointing, switched on before PEFT (`enable_full`).
     mode = levers.checkpointing if levers.checkpointing in ("offload", "selective") else "none"
-    offloader = ActivationOffloader() if mode == "offload" else None
-    keeper = AttentionKeeper(ActivationOffloader(), len(stack.layers)) if mode == "offload" else None
-    if offloader is not None:
+    offloader = keeper = None
+    if mode == "offload":
+        offloader = ActivationOffloader()
+        keeper = AttentionKeeper(ActivationOffloader(), len(stack.layers))
 
         def new_step(*_: Any) -> None:  # (a pre-hook's return value would replace the stack's arguments)
             offloader.reset()
