@@ -128,6 +128,15 @@ class SpeedConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """torch.profiler over optimizer steps start+1 .. start+steps, written to the train entry's profile/
+    (a trace for Perfetto and summary.json: GPU time by kernel and kind, idle gaps, host ops)."""
+
+    steps: int = 0  # 0 = off
+    start: int = 10  # after compilation and the first logs: steady steps
+
+
+@dataclass
 class DpoConfig:
     beta: float = 0.1  # how far the policy may move from the reference (the KL weight)
     loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge (SLiC)
@@ -157,6 +166,7 @@ class TrainConfig:
     dpo: DpoConfig = field(default_factory=DpoConfig)
     orpo: OrpoConfig = field(default_factory=OrpoConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     num_workers: int = 0  # runtime only
 
 

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ftpipe.training.profiling import summarize_profile  # noqa: E402
 
 # The real dimensions of the two models (from their hub config.json), so no download is needed.
 SHAPES: dict[str, dict[str, Any]] = {
@@ -382,7 +383,7 @@ class StepTimer:
                     torch.cuda.synchronize()
                     wall = time.perf_counter() - timer.prof_t0
                     timer.prof.__exit__(None, None, None)
-                    timer.profile = summarize_profile(timer.prof, wall)
+                    timer.profile = summarize_profile(timer.prof, wall, 2)
                     if timer.trace:
                         try:
                             import gzip
@@ -404,89 +405,6 @@ class StepTimer:
     def step_ms(self) -> list[float]:
         """Per-step times as the host saw them (no drain at each step: indicative, the window is the figure)."""
         return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:], strict=False)]
-
-
-def _annotation(evt: Any) -> bool:
-    name = getattr(evt, "key", None) or getattr(evt, "name", "")
-    return bool(getattr(evt, "is_user_annotation", False)) or name.startswith(
-        ("## ", "Optimizer.", "ProfilerStep")
-    )
-
-
-def summarize_profile(prof: Any, wall_s: float) -> dict[str, Any]:
-    """GPU time by kernel over the profiled steps, and how busy the GPU was (vs the steps' wall time)."""
-    try:
-        rows = []
-        for evt in prof.key_averages():
-            t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0) or 0
-            self_t = (
-                getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0) or 0
-            )
-            if self_t and not _annotation(evt):
-                rows.append((evt.key, self_t / 1e3, evt.count, t / 1e3))
-        rows.sort(key=lambda r: -r[1])
-        out: dict[str, Any] = {
-            "wall_ms": wall_s * 1e3,
-            "top": [{"kernel": k[:120], "self_ms": round(ms, 2), "calls": n} for k, ms, n, _ in rows[:45]],
-        }
-        # GPU timeline: union of kernel / copy intervals, and the largest idle gaps with their neighbours.
-        spans = []
-        for e in prof.events():
-            if getattr(e, "device_type", None) is not None and e.device_type.name == "CUDA":
-                if not _annotation(e):  # record_function ranges mirrored on the GPU timeline
-                    spans.append((e.time_range.start, e.time_range.end, e.name))
-        spans.sort()
-        busy, gaps, end, prev = 0.0, [], None, ""
-        for start, stop, name in spans:
-            if end is None or start > end:
-                if end is not None:
-                    gaps.append((start - end, prev[:60], name[:60]))
-                busy += stop - start
-                end, prev = stop, name
-            elif stop > end:
-                busy += stop - end
-                end, prev = stop, name
-        gaps.sort(reverse=True)
-        out["gpu_busy_ms"] = busy / 1e3
-        out["gpu_span_ms"] = (spans[-1][1] - spans[0][0]) / 1e3 if spans else 0.0
-        out["gaps_ms_total"] = sum(g[0] for g in gaps) / 1e3
-        out["gaps_top"] = [{"ms": round(g / 1e3, 3), "after": a, "before": b} for g, a, b in gaps[:15]]
-        # Host waits: synchronizing runtime calls, with the ops / annotations they ran under.
-        waits: dict[str, list] = {}
-        sync_names = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
-        for e in prof.events():
-            if e.name in sync_names:
-                chain, parent = [], e.cpu_parent
-                while parent is not None and len(chain) < 8:
-                    chain.append(parent.name[:60])
-                    parent = parent.cpu_parent
-                key = " < ".join([e.name, *chain])
-                ms = (e.time_range.end - e.time_range.start) / 1e3
-                w = waits.setdefault(key, [0, 0.0])
-                w[0] += 1
-                w[1] += ms
-        out["host_waits"] = [
-            {"where": k[:400], "count": n, "ms": round(ms, 3)}
-            for k, (n, ms) in sorted(waits.items(), key=lambda kv: -kv[1][1])[:20]
-        ]
-        copies = []
-        for evt in prof.key_averages(group_by_input_shape=True):
-            if evt.key in (
-                "aten::copy_",
-                "aten::clone",
-                "aten::contiguous",
-                "aten::index_select",
-                "aten::cat",
-            ):
-                t = getattr(evt, "device_time_total", 0) or getattr(evt, "cuda_time_total", 0) or 0
-                copies.append((t / 1e3, evt.key, str(evt.input_shapes)[:150], evt.count))
-        copies.sort(reverse=True)
-        out["copies_top"] = [
-            {"ms": round(t, 2), "op": k, "shapes": sh, "calls": n} for t, k, sh, n in copies[:12]
-        ]
-        return out
-    except Exception as exc:  # a diagnostic only
-        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
 def hf_trainer(model: nn.Module, rows, case: dict[str, Any], steps: int, timer: StepTimer, optim: str | None):
@@ -668,7 +586,8 @@ def measure(side: str, case: dict[str, Any], rows, args, overrides: dict[str, An
             mem = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     assert timer.window is not None, "the timed window did not close"
     med = (timer.window[1] - timer.window[0]) / args.steps  # mean step over the window
-    tokens = case["batch"] * ROW
+    # the rows' own lengths (a pack stage's rows are at most ROW long): the tokens the command counts too
+    tokens = case["batch"] * statistics.mean(len(r["input_ids"]) for r in rows[:n_rows])
     tps = tokens / med
     fpt = flops_per_token(case, rows[:n_rows])
     del trainer, model

@@ -3,7 +3,7 @@
 the same rows (issue 18).
 
     python scripts/bench_command.py OUT [--cases lora,lora_offload,qlora,long128k,lora@KEY=VALUE] [--steps 60]
-        [--warm lora] [--harness lora,qlora] [--probe llama-3.1-8b:qlora:262144[:START]] [--deadline SECONDS]
+        [--warm lora [--warm-cprofile]] [--harness lora,qlora] [--probe llama-3.1-8b:qlora:262144[:START]] [--deadline SECONDS]
 
 Each case is one `python -m ftpipe ... stages=[train]` run on a random-init model of a real shape saved as a
 local folder (scripts/scaleout.py: the SmolLM2 tokenizer beside it) and a plain-text corpus packed into rows of
@@ -11,7 +11,8 @@ the case's length; LoRA r64 / alpha 16 on all linear layers, bf16, constant lr. 
 stage's entry: `train_tokens_per_second_steady` (median of the logged rates after the first log),
 `train_first_step_seconds` (train stage start to the first optimizer step), peak memory.
 - `--warm CASE`: the same command again with another learning rate, so the train stage misses its cache
-  while the compiled artefacts (under the cache's shared/build) are found: the warm start.
+  while the compiled artefacts (under the cache's shared/build) are found: the warm start. `--warm-cprofile`
+  runs it under cProfile (OUT/CASE_warm_cprofile.txt: where the seconds before the first step go).
 - `--harness CASE,...`: `scripts/bench.py --sides ftpipe,hf --rows-from <the case's packed rows>`, so the
   harness and HF Trainer + PEFT train on exactly the command's rows, in the same call.
 - `CASE@KEY=VALUE@...`: that case with overrides of its own (an A/B in the same call), in a cache of its own.
@@ -49,7 +50,12 @@ CASES: dict[str, tuple[str, str, int, str, int]] = {
     "tiny": ("tiny", "lora", 4, "none", 256),  # a dry run of this script on the CPU
 }
 # the bench.py case with the same shape, method, rows and checkpointing
-HARNESS = {"lora": "llama1b_lora", "lora_offload": "llama1b_lora_ckpt", "qlora": "llama1b_qlora"}
+HARNESS = {
+    "lora": "llama1b_lora",
+    "lora_offload": "llama1b_lora_ckpt",
+    "qlora": "llama1b_qlora",
+    "qwen7b_qlora": "qwen7b_qlora",
+}
 TOKENS_PER_WORD = 4.6  # the SmolLM2 tokenizer on these words ("w1234" -> 4-5 tokens)
 
 
@@ -94,10 +100,34 @@ def overrides(case: str, model: str, data: Path, steps: int, cache: Path) -> lis
     ]
 
 
-def run_ftpipe(args: list[str], env: dict[str, str], log: Path) -> tuple[int, float]:
-    """(exit code, wall seconds) of one `python -m ftpipe` run, its output appended to `log`."""
+def run_ftpipe(
+    args: list[str], env: dict[str, str], log: Path, cprofile: Path | None = None
+) -> tuple[int, float]:
+    """(exit code, wall seconds) of one `python -m ftpipe` run, its output appended to `log`; with `cprofile`
+    the run is under cProfile and its 60 costliest calls (cumulative) are written there."""
     began = time.time()
-    return ftpipe(args, env, log).returncode, round(time.time() - began, 1)
+    python_args = ("-m", "cProfile", "-o", f"{cprofile}.prof") if cprofile else ()
+    rc = ftpipe(args, env, log, python_args=python_args).returncode
+    if cprofile and Path(f"{cprofile}.prof").is_file():
+        import io
+        import pstats
+
+        text = io.StringIO()
+        pstats.Stats(f"{cprofile}.prof", stream=text).sort_stats("cumulative").print_stats(60)
+        cprofile.write_text(text.getvalue())
+        Path(f"{cprofile}.prof").unlink()
+    return rc, round(time.time() - began, 1)
+
+
+def mean_rate(history: list[dict[str, Any]]) -> float | None:
+    """Tokens over seconds across the log windows after the first (each window's seconds = its tokens / its
+    rate), where the median of the windows is what the train entry reports."""
+    logs = [r for r in history if "tokens_per_second" in r and "num_input_tokens_seen" in r]
+    tokens = seconds = 0.0
+    for before, row in zip(logs, logs[1:], strict=False):
+        delta = row["num_input_tokens_seen"] - before["num_input_tokens_seen"]
+        tokens, seconds = tokens + delta, seconds + delta / row["tokens_per_second"]
+    return round(tokens / seconds, 1) if seconds else None
 
 
 def train_result(cache: Path) -> dict[str, Any]:
@@ -110,6 +140,8 @@ def train_result(cache: Path) -> dict[str, Any]:
     keys = ("train_tokens_per_second_steady", "train_tokens_per_second", "train_first_step_seconds")
     return {
         **{k: metrics.get(k) for k in (*keys, "train_peak_memory_gib", "train_seconds", "train_steps")},
+        # the harness's statistic (tokens over time across the steps after warm-up) from the command's logs
+        "mean_rate_after_first_log": mean_rate(history),
         "rates": [r["tokens_per_second"] for r in history if "tokens_per_second" in r],
         "losses": [r["loss"] for r in history if "loss" in r],
         "entry": str(path),
@@ -128,6 +160,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--long-steps", type=int, default=4)
     p.add_argument("--warm", default="", help="comma list of cases to run a second time (warm start)")
+    p.add_argument("--warm-cprofile", action="store_true", help="run the warm start under cProfile")
     p.add_argument("--harness", default="", help="comma list of cases to also run through scripts/bench.py")
     p.add_argument("--harness-args", default="--warmup 5 --steps 30 --guard=", help="extra bench.py args")
     p.add_argument("--probe", action="append", default=[], help="SHAPE:METHOD:MAX_TOKENS for ftpipe probe")
@@ -160,7 +193,8 @@ def main() -> int:
         rc, wall = run_ftpipe(args, env, out / f"{name}.log")
         res = {"rc": rc, "wall_seconds": wall, **train_result(cache)}
         if spec in ns.warm.split(","):
-            rc2, wall2 = run_ftpipe([*args, "optimizer.lr=1e-4"], env, out / f"{name}_warm.log")
+            cprofile = out / f"{name}_warm_cprofile.txt" if ns.warm_cprofile else None
+            rc2, wall2 = run_ftpipe([*args, "optimizer.lr=1e-4"], env, out / f"{name}_warm.log", cprofile)
             res["warm"] = {"rc": rc2, "wall_seconds": wall2, **train_result(cache)}
         if spec in ns.harness.split(",") and (rows_dir := pack_dir(cache)):
             harness_json = out / f"harness_{name}.json"

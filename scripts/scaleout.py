@@ -123,10 +123,10 @@ def seeded_cache(out: Path, name: str) -> Path:
     return cache
 
 
-def ftpipe(args: list[str], env: dict[str, str], log: Path, wait: bool = True):
+def ftpipe(args: list[str], env: dict[str, str], log: Path, wait: bool = True, python_args: tuple = ()):
     fh = open(log, "a")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ftpipe", *args], env=env, stdout=fh, stderr=subprocess.STDOUT
+        [sys.executable, *python_args, "-m", "ftpipe", *args], env=env, stdout=fh, stderr=subprocess.STDOUT
     )
     if wait:
         proc.wait()

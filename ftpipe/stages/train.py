@@ -1,7 +1,8 @@
 """train: fine-tune the downloaded model on the packed dataset (full, LoRA, QLoRA, 8-bit LoRA) with HF Trainer.
 
 Writes `checkpoints/` (every train.save_steps, last train.save_total_limit kept), `tb/` (TensorBoard scalars),
-`final/` (the adapter or the full model), `log_history.json`, and with train.sample_every `samples.jsonl`.
+`final/` (the adapter or the full model), `log_history.json`, with train.sample_every `samples.jsonl`, and
+with train.profile.steps `profile/` (a torch.profiler trace of those steps and its summary).
 Resumable: the engine keeps `<key>.tmp` after a kill, and a rerun with the same key continues from the newest
 complete checkpoint. `launcher=local` trains in this process; other launchers run it under torchrun.
 """
@@ -50,6 +51,8 @@ def key_view(cfg: dict[str, Any]) -> dict[str, Any]:
             train.pop(key, None)
     if objective == "sft":
         train.pop("objective", None)
+    if not (train.get("profile") or {}).get("steps"):  # keys from before train.profile existed stay
+        train.pop("profile", None)
     train["rows_per_step"] = rows_per_step(cfg["train"], cfg["launcher"])
     launcher = cfg["launcher"]
     zero = (
@@ -66,8 +69,8 @@ STAGE = Stage(
     # the template shapes the optional sample replies only; pack's key already follows the data
     reads=("train", "optimizer", "seed", "model.trust_remote_code", "template", "launcher"),
     upstream=("download-model", "map", "pack"),
-    outputs=("final", "checkpoints", "log_history.json", "tb", "samples.jsonl"),
-    optional=("samples.jsonl", "tb"),
+    outputs=("final", "checkpoints", "log_history.json", "tb", "samples.jsonl", "profile"),
+    optional=("samples.jsonl", "tb", "profile"),
     run=run,
     key_view=key_view,
     resumable=True,

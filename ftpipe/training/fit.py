@@ -149,6 +149,9 @@ def _check_objective(train_cfg: dict[str, Any], data_info: Path) -> bool:
 
 def fit(job: TrainJob) -> dict[str, Any] | None:
     """Train into job.out; returns the metrics on the main process, None on other ranks."""
+    # The warm-start figure counts from here to the first optimizer step: the imports below are part of it
+    # (when the earlier stages were cache hits, the train stage is the first to import torch and the rest).
+    started = time.perf_counter()
     import torch
     from datasets import load_from_disk
     from torch.utils.tensorboard import SummaryWriter
@@ -162,7 +165,6 @@ def fit(job: TrainJob) -> dict[str, Any] | None:
     from .speed.frozen_prefix import ROW_INDEX, FrozenPrefix
     from .trainer import FtTrainer, last_checkpoint
 
-    started = time.perf_counter()  # the warm-start figure counts from here to the first optimizer step
     cfg, train_cfg = job.cfg, job.cfg["train"]
     if job.build_dir is not None:
         for name, value in build_env(job.build_dir).items():
@@ -183,13 +185,23 @@ def fit(job: TrainJob) -> dict[str, Any] | None:
     rows, _ = speed.micro_batches(train_cfg, row_len)
     # the speed policy, once per run
     levers = speed.resolve(train_cfg, device, zero_stage(cfg["launcher"]), micro_batch_tokens=rows * row_len)
+    loading = time.perf_counter()
     model = load_for_training(job.model_dir, train_cfg, levers, bool(cfg["model"]["trust_remote_code"]))
+    log.info(
+        "[train] model built in %.1f s (%.1f s after the train stage started)",
+        time.perf_counter() - loading,
+        time.perf_counter() - started,
+    )
     checkpoints = job.out / "checkpoints"
     main = is_main_process()
     callbacks = [TensorBoardCallback(SummaryWriter(log_dir=str(job.out / "tb")))] if main else []
     callbacks += speed.callbacks(levers)
     if train_cfg["sample_every"]:
         callbacks.append(_sampler(job, prec))
+    if (profiled := train_cfg.get("profile") or {}).get("steps"):
+        from .profiling import ProfileSteps
+
+        callbacks.append(ProfileSteps(profiled["start"], profiled["steps"], job.out))
     collator = PackedCollator(**speed.collator_kwargs(levers))
     prefix = None
     if levers.frozen_prefix:

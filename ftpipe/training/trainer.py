@@ -41,9 +41,10 @@ class Throughput(TrainerCallback):
             self.first_step_seconds = round(time.perf_counter() - self.started, 2)
             if state.is_world_process_zero:
                 log.info(
-                    "[train] first optimizer step (step %d) %.1f s after the train stage started",
+                    "[train] first optimizer step (step %d) %.1f s after the train stage started%s",
                     state.global_step,
                     self.first_step_seconds,
+                    compile_cache_note(),
                 )
 
     @staticmethod
@@ -60,6 +61,26 @@ class Throughput(TrainerCallback):
         seconds, tokens = now - self.mark[0], tokens_now - self.mark[1]
         self.mark = (now, tokens_now)
         return tokens / seconds if seconds > 0 else None
+
+
+def compile_cache_note() -> str:
+    """How the compiled graphs so far came about (what makes a warm start warm): inductor's and AOTAutograd's
+    cache hits and misses; empty when nothing was compiled."""
+    import sys
+
+    if "torch._dynamo" not in sys.modules:
+        return ""
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"].get("unique_graphs", 0)
+    if not graphs:
+        return ""
+    inductor, aot = counters["inductor"], counters["aot_autograd"]
+    return (
+        f" ({graphs} graphs; compile cache: inductor {inductor.get('fxgraph_cache_hit', 0)} hits /"
+        f" {inductor.get('fxgraph_cache_miss', 0)} misses, autograd {aot.get('autograd_cache_hit', 0)} /"
+        f" {aot.get('autograd_cache_miss', 0)})"
+    )
 
 
 class FtTrainer(Trainer):

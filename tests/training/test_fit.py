@@ -56,6 +56,21 @@ def test_each_method_lowers_the_loss_and_writes_its_outputs(tmp_path, fixtures, 
     assert min(rates[1:]) <= metrics["train_tokens_per_second_steady"] <= max(rates[1:])  # the first: warm-up
 
 
+def test_profile_writes_a_trace_and_summary_of_the_asked_steps_and_stays_out_of_the_key(tmp_path, fixtures):
+    from ftpipe.stages.train import key_view
+
+    metrics, out = run_train(
+        tmp_path, fixtures, method="lora", max_steps=5, **{"profile.start": 2, "profile.steps": 2}
+    )
+    summary = json.loads((out / "profile" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["step_ms"] > 0 and "error" not in summary
+    assert any(row["op"].startswith("aten::") for row in summary["host_top"])  # the steps' own ops
+    assert (out / "profile" / "trace.json.gz").stat().st_size > 0
+    # a run without it keeps the key it had before train.profile existed; asking for a profile is a new run
+    assert "profile" not in key_view({**h.composed(), "stages": []})["train"]
+    assert key_view({**h.composed("train.profile.steps=2"), "stages": []})["train"]["profile"]["steps"] == 2
+
+
 def test_compiled_artefacts_are_kept_under_the_build_folder(tmp_path, fixtures, monkeypatch):
     """fit points torch.compile's caches (and DeepSpeed's ops) at job.build_dir unless the user set them."""
     from ftpipe.training.fit import build_env

@@ -1,0 +1,191 @@
+"""`train.profile`: torch.profiler over a few optimizer steps of the run a user starts, written beside its
+outputs (`profile/trace.json.gz` for Perfetto or chrome://tracing, `profile/summary.json`): where a step's time
+goes, in the command itself rather than in a side harness. `scripts/bench.py --profile` uses the same summary."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+log = logging.getLogger("ftpipe")
+
+PROFILE_DIR = "profile"
+
+
+def kernel_kind(name: str) -> str:
+    """A GPU kernel's family, to add the profile up by what the step spends its time on."""
+    if "flash" in name or "fmha" in name or "cudnn" in name.lower():
+        return "attention"
+    if "nvjet" in name or "gemm" in name or "cutlass" in name or "sm90_xmma" in name:
+        return "gemm"
+    if name.startswith("triton"):
+        return "triton"
+    if "Memcpy" in name or "Memset" in name:
+        return "copy"
+    if "Dequant" in name or "dequant" in name:
+        return "dequantize"
+    if "multi_tensor" in name:
+        return "foreach (clip, AdamW)"
+    return "other"
+
+
+def _annotation(evt: Any) -> bool:
+    name = getattr(evt, "key", None) or getattr(evt, "name", "")
+    return bool(getattr(evt, "is_user_annotation", False)) or name.startswith(
+        ("## ", "Optimizer.", "ProfilerStep")
+    )
+
+
+def summarize_profile(prof: Any, wall_s: float, steps: int = 1) -> dict[str, Any]:
+    """GPU time by kernel and by kind over the profiled steps, how busy the GPU was against the steps' wall
+    time (and its largest idle gaps), the host ops that took longest, and where the host waited for the GPU."""
+    try:
+        rows = []
+        for evt in prof.key_averages():
+            t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0) or 0
+            self_t = (
+                getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0) or 0
+            )
+            if self_t and not _annotation(evt):
+                rows.append((evt.key, self_t / 1e3, evt.count, t / 1e3))
+        rows.sort(key=lambda r: -r[1])
+        kinds: dict[str, float] = {}
+        for key, ms, _, _ in rows:
+            kinds[kernel_kind(key)] = kinds.get(kernel_kind(key), 0.0) + ms
+        host = sorted(
+            (
+                (evt.self_cpu_time_total / 1e3, evt.key, evt.count)
+                for evt in prof.key_averages()
+                if not _annotation(evt)
+            ),
+            reverse=True,
+        )
+        out: dict[str, Any] = {
+            "steps": steps,
+            "wall_ms": wall_s * 1e3,
+            "step_ms": wall_s * 1e3 / steps,
+            "gpu_ms_by_kind": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top": [{"kernel": k[:120], "self_ms": round(ms, 2), "calls": n} for k, ms, n, _ in rows[:45]],
+            "host_top": [{"op": k[:120], "self_ms": round(ms, 2), "calls": n} for ms, k, n in host[:30]],
+        }
+        # GPU timeline: union of kernel / copy intervals, and the largest idle gaps with their neighbours.
+        spans = []
+        for e in prof.events():
+            if getattr(e, "device_type", None) is not None and e.device_type.name == "CUDA":
+                if not _annotation(e):  # record_function ranges mirrored on the GPU timeline
+                    spans.append((e.time_range.start, e.time_range.end, e.name))
+        spans.sort()
+        busy, gaps, end, prev = 0.0, [], None, ""
+        for start, stop, name in spans:
+            if end is None or start > end:
+                if end is not None:
+                    gaps.append((start - end, prev[:60], name[:60]))
+                busy += stop - start
+                end, prev = stop, name
+            elif stop > end:
+                busy += stop - end
+                end, prev = stop, name
+        gaps.sort(reverse=True)
+        out["gpu_busy_ms"] = busy / 1e3
+        out["gpu_busy_ms_per_step"] = busy / 1e3 / steps
+        out["gpu_span_ms"] = (spans[-1][1] - spans[0][0]) / 1e3 if spans else 0.0
+        out["gaps_ms_total"] = sum(g[0] for g in gaps) / 1e3
+        out["gaps_top"] = [{"ms": round(g / 1e3, 3), "after": a, "before": b} for g, a, b in gaps[:15]]
+        # Host waits: synchronizing runtime calls, with the ops / annotations they ran under.
+        waits: dict[str, list] = {}
+        sync_names = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+        for e in prof.events():
+            if e.name in sync_names:
+                chain, parent = [], e.cpu_parent
+                while parent is not None and len(chain) < 8:
+                    chain.append(parent.name[:60])
+                    parent = parent.cpu_parent
+                key = " < ".join([e.name, *chain])
+                ms = (e.time_range.end - e.time_range.start) / 1e3
+                w = waits.setdefault(key, [0, 0.0])
+                w[0] += 1
+                w[1] += ms
+        out["host_waits"] = [
+            {"where": k[:400], "count": n, "ms": round(ms, 3)}
+            for k, (n, ms) in sorted(waits.items(), key=lambda kv: -kv[1][1])[:20]
+        ]
+        copies = []
+        for evt in prof.key_averages(group_by_input_shape=True):
+            if evt.key in (
+                "aten::copy_",
+                "aten::clone",
+                "aten::contiguous",
+                "aten::index_select",
+                "aten::cat",
+            ):
+                t = getattr(evt, "device_time_total", 0) or getattr(evt, "cuda_time_total", 0) or 0
+                copies.append((t / 1e3, evt.key, str(evt.input_shapes)[:150], evt.count))
+        copies.sort(reverse=True)
+        out["copies_top"] = [
+            {"ms": round(t, 2), "op": k, "shapes": sh, "calls": n} for t, k, sh, n in copies[:12]
+        ]
+        return out
+    except Exception as exc:  # a diagnostic only
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+class ProfileSteps(TrainerCallback):
+    """Trainer callback: profile optimizer steps `start + 1` .. `start + steps` (start after compilation and
+    the first logs, so the steps are steady ones), then write the trace and its summary into `out/profile`."""
+
+    def __init__(self, start: int, steps: int, out: Path) -> None:
+        self.start, self.steps, self.dir = start, steps, out / PROFILE_DIR
+        self.prof: Any = None
+        self.began = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.prof is None and state.global_step == self.start and state.is_world_process_zero:
+            from torch.profiler import ProfilerActivity, profile
+
+            cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+            if cuda:
+                torch.cuda.synchronize()
+            activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+            self.prof = profile(activities=activities, record_shapes=True)
+            self.prof.__enter__()
+            self.began = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.prof is not None and state.global_step >= self.start + self.steps:
+            self._write(self.steps)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.prof is not None:  # the run ended inside the window: what was profiled
+            self._write(state.global_step - self.start)
+
+    def _write(self, steps: int) -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self.began
+        self.prof.__exit__(None, None, None)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        summary = summarize_profile(self.prof, wall, max(steps, 1))
+        raw = self.dir / "trace.json"
+        self.prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as src, gzip.open(f"{raw}.gz", "wb", compresslevel=6) as dst:
+            shutil.copyfileobj(src, dst)
+        os.remove(raw)
+        (self.dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        log.info(
+            "[train] profiled steps %d-%d: %.1f ms a step, the GPU busy %.1f ms of it → %s",
+            self.start + 1,
+            self.start + steps,
+            summary.get("step_ms", 0.0),
+            summary.get("gpu_busy_ms_per_step", 0.0),
+            self.dir,
+        )
+        self.prof = None
