@@ -139,7 +139,16 @@ def train_result(cache: Path) -> dict[str, Any]:
     history = json.loads((path / "log_history.json").read_text())
     keys = ("train_tokens_per_second_steady", "train_tokens_per_second", "train_first_step_seconds")
     return {
-        **{k: metrics.get(k) for k in (*keys, "train_peak_memory_gib", "train_seconds", "train_steps")},
+        **{
+            k: metrics.get(k)
+            for k in (
+                *keys,
+                "train_peak_memory_gib",
+                "train_peak_memory_gib_steady",
+                "train_seconds",
+                "train_steps",
+            )
+        },
         # the harness's statistic (tokens over time across the steps after warm-up) from the command's logs
         "mean_rate_after_first_log": mean_rate(history),
         "rates": [r["tokens_per_second"] for r in history if "tokens_per_second" in r],

@@ -49,8 +49,16 @@ def compute_dtype(train_cfg: dict[str, Any], device: str) -> torch.dtype:
     ]
 
 
+def reset_peak_memory(device: str) -> None:
+    """Start a new peak-memory window on CUDA (a host-side counter: no sync). The CPU's peak RSS cannot be
+    reset: there every window's figure is the process's peak so far."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
 def peak_memory_gib(device: str) -> float:
-    """Peak accelerator memory on CUDA, peak resident set size of this process on CPU."""
+    """Peak accelerator memory on CUDA (since the last `reset_peak_memory`), peak resident set size of this
+    process on CPU."""
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS

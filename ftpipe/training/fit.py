@@ -160,7 +160,7 @@ def fit(job: TrainJob) -> dict[str, Any] | None:
 
     from . import speed
     from .collator import PackedCollator
-    from .devices import autocast_dtype, peak_memory_gib, precision, train_device
+    from .devices import autocast_dtype, precision, train_device
     from .model import load_for_training
     from .speed.frozen_prefix import ROW_INDEX, FrozenPrefix
     from .trainer import FtTrainer, last_checkpoint
@@ -257,14 +257,19 @@ def fit(job: TrainJob) -> dict[str, Any] | None:
     history = trainer.state.log_history
     (job.out / "log_history.json").write_text(json.dumps(history, indent=1))
     losses = [row["loss"] for row in history if "loss" in row]
+    # after the first log (loading, compilation and warm-up): what training itself holds
+    peaks = [row["peak_memory_gib"] for row in history if "peak_memory_gib" in row]
+    steady_peak = max(peaks[1:]) if len(peaks) > 1 else None
     tokens = int(trainer.state.num_input_tokens_seen)
     steady = trainer.throughput.steady_rate(history)
     if steady is not None:
         log.info(
-            "[train] %d steps, %.0f tokens/s steady (median of the logs after the first), peak %.2f GiB",
+            "[train] %d steps, %.0f tokens/s steady (median of the logs after the first), peak %.2f GiB"
+            " (%.2f GiB after the first log)",
             trainer.state.global_step,
             steady,
-            peak_memory_gib(device),
+            trainer.run_peak_gib(),
+            steady_peak,
         )
     return {
         "train_loss": losses[-1] if losses else result.training_loss,
@@ -275,7 +280,8 @@ def fit(job: TrainJob) -> dict[str, Any] | None:
         "train_tokens_per_second_steady": steady,
         "train_first_step_seconds": trainer.throughput.first_step_seconds,
         "train_seconds": round(seconds, 2),
-        "train_peak_memory_gib": round(peak_memory_gib(device), 3),
+        "train_peak_memory_gib": round(trainer.run_peak_gib(), 3),
+        "train_peak_memory_gib_steady": steady_peak,
         "train_precision": prec,
         "train_device": device,
         "train_world_size": trainer.args.world_size,

@@ -91,10 +91,7 @@ def load_for_training(
     # A KV cache during training makes packed rows attend across documents; it is useless there anyway.
     model.config.use_cache = False
     if quant is not None:
-        from peft import prepare_model_for_kbit_training
-
-        # Checkpointing is speed.patch_model's job; here only the fp32 casts and input grads.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = speed.prepare_quantized(model, train_cfg, levers)
     model = speed.patch_model(model, train_cfg, levers)
     if train_cfg["method"] == "full":
         return model

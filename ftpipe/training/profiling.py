@@ -58,9 +58,6 @@ def summarize_profile(prof: Any, wall_s: float, steps: int = 1) -> dict[str, Any
             if self_t and not _annotation(evt):
                 rows.append((evt.key, self_t / 1e3, evt.count, t / 1e3))
         rows.sort(key=lambda r: -r[1])
-        kinds: dict[str, float] = {}
-        for key, ms, _, _ in rows:
-            kinds[kernel_kind(key)] = kinds.get(kernel_kind(key), 0.0) + ms
         host = sorted(
             (
                 (evt.self_cpu_time_total / 1e3, evt.key, evt.count)
@@ -73,7 +70,6 @@ def summarize_profile(prof: Any, wall_s: float, steps: int = 1) -> dict[str, Any
             "steps": steps,
             "wall_ms": wall_s * 1e3,
             "step_ms": wall_s * 1e3 / steps,
-            "gpu_ms_by_kind": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
             "top": [{"kernel": k[:120], "self_ms": round(ms, 2), "calls": n} for k, ms, n, _ in rows[:45]],
             "host_top": [{"op": k[:120], "self_ms": round(ms, 2), "calls": n} for ms, k, n in host[:30]],
         }
@@ -84,6 +80,10 @@ def summarize_profile(prof: Any, wall_s: float, steps: int = 1) -> dict[str, Any
                 if not _annotation(e):  # record_function ranges mirrored on the GPU timeline
                     spans.append((e.time_range.start, e.time_range.end, e.name))
         spans.sort()
+        kinds: dict[str, float] = {}  # from the GPU's own events (an op's row would count its kernels again)
+        for start, stop, name in spans:
+            kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + (stop - start) / 1e3
+        out["gpu_ms_by_kind"] = {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
         busy, gaps, end, prev = 0.0, [], None, ""
         for start, stop, name in spans:
             if end is None or start > end:

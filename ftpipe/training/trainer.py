@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from .devices import peak_memory_gib
+from .devices import peak_memory_gib, reset_peak_memory
 from .objectives import PreferenceLoss, count_pairs
 from .speed.loss import training_loss
 
@@ -84,7 +84,8 @@ def compile_cache_note() -> str:
 
 
 class FtTrainer(Trainer):
-    """Trainer with ftpipe's loss choice and extra scalars (tokens/s, peak memory) in every training log."""
+    """Trainer with ftpipe's loss choice and extra scalars (tokens/s, the window's peak memory) in every
+    training log."""
 
     def __init__(
         self,
@@ -105,6 +106,7 @@ class FtTrainer(Trainer):
         # divide again by the accumulation steps: this keeps grad accumulation equal to one big batch.
         self.model_accepts_loss_kwargs = True
         self.throughput = Throughput(started)
+        self.peak_gib = 0.0  # the run's peak so far, over the log windows
         self.add_callback(self.throughput)
 
     def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
@@ -160,12 +162,20 @@ class FtTrainer(Trainer):
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
+    def run_peak_gib(self) -> float:
+        """The whole run's peak memory (loading, compilation and every step)."""
+        return max(self.peak_gib, peak_memory_gib(self.device_kind))
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             rate = self.throughput.rate(self.state.num_input_tokens_seen)
             if rate is not None:
                 logs["tokens_per_second"] = round(rate, 1)
-            logs["peak_memory_gib"] = round(peak_memory_gib(self.device_kind), 3)
+            # each log's peak is its own window's (the first holds loading and compilation)
+            peak = peak_memory_gib(self.device_kind)
+            self.peak_gib = max(self.peak_gib, peak)
+            logs["peak_memory_gib"] = round(peak, 3)
+            reset_peak_memory(self.device_kind)
             if self.preference is not None:
                 logs.update(self.preference.pop_logs())
         super().log(logs, start_time)

@@ -54,6 +54,8 @@ def test_each_method_lowers_the_loss_and_writes_its_outputs(tmp_path, fixtures, 
     assert 0 < metrics["train_first_step_seconds"] < metrics["train_seconds"] + 60
     rates = [row["tokens_per_second"] for row in history if "tokens_per_second" in row]
     assert min(rates[1:]) <= metrics["train_tokens_per_second_steady"] <= max(rates[1:])  # the first: warm-up
+    peaks = [row["peak_memory_gib"] for row in history if "peak_memory_gib" in row]
+    assert metrics["train_peak_memory_gib_steady"] == max(peaks[1:]) <= metrics["train_peak_memory_gib"]
 
 
 def test_profile_writes_a_trace_and_summary_of_the_asked_steps_and_stays_out_of_the_key(tmp_path, fixtures):

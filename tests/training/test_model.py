@@ -60,3 +60,34 @@ def test_last_layers_none_or_at_least_the_depth_adapts_every_layer(last_layers):
 def test_a_last_layers_below_one_is_refused_before_any_stage_naming_the_key():
     with pytest.raises(FtpipeError, match=r"train\.lora\.last_layers"):
         validate(compose(["train.lora.last_layers=0"]))
+
+
+@pytest.mark.parametrize("adapters", ["bf16", "fp32"])
+def test_a_quantized_base_for_bf16_adapters_is_frozen_without_fp32_copies_of_its_weights(adapters):
+    """PEFT's prepare_model_for_kbit_training upcasts every frozen 16-bit weight to fp32 (on Qwen2.5-7B the
+    embeddings and head alone: 4 GiB, the run's peak); for bf16 adapters the base is frozen in bf16 instead."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ftpipe.training import speed
+
+    class Fp32Copies(TorchDispatchMode):
+        elements = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if torch.is_tensor(out) and out.dtype == torch.float32:
+                Fp32Copies.elements += out.numel()
+            return out
+
+    model = _tiny(2).to(torch.bfloat16)
+    train_cfg = validate(
+        compose(["train=qlora", "train.precision=bf16", f"train.speed.adapter_dtype={adapters}"])
+    )["train"]
+    with Fp32Copies():
+        model = speed.prepare_quantized(model, train_cfg, speed.resolve(train_cfg, "cpu"))
+    assert not any(p.requires_grad for p in model.parameters())
+    weights = sum(p.numel() for p in model.parameters())
+    if adapters == "bf16":
+        assert Fp32Copies.elements == 0 and all(p.dtype == torch.bfloat16 for p in model.parameters())
+    else:  # PEFT's own preparation, as before
+        assert Fp32Copies.elements >= weights and all(p.dtype == torch.float32 for p in model.parameters())

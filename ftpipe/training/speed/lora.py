@@ -69,8 +69,8 @@ def fuse_lora(model: nn.Module, keep_dequant: bool = False) -> int:
 
 
 def downcast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
-    """Frozen fp32 floating-point parameters (norms, embeddings that prepare_model_for_kbit_training upcast)
-    back to `dtype`; quantized weights and trained parameters are left alone."""
+    """Frozen fp32 floating-point parameters (norms or embeddings a loader kept in fp32) back to `dtype`;
+    quantized weights and trained parameters are left alone."""
     for p in model.parameters():
         if not p.requires_grad and p.dtype == torch.float32 and type(p).__name__ != "Params4bit":
             p.data = p.data.to(dtype)
