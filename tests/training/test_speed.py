@@ -5,6 +5,8 @@ compile) are checked by the correctness guard in scripts/bench.py on the GPU mac
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -240,7 +242,7 @@ def test_fp32_training_on_cuda_avoids_the_bf16_only_varlen_kernel() -> None:
     assert speed.resolve({"method": "lora", "precision": "bf16", "speed": {}}, "cuda").attention == "varlen"
 
 
-def _tiny_peft(train_cfg: dict | None, before_peft=None):
+def _tiny_peft(train_cfg: dict | None, before_peft=None, layers: int = 2):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -248,7 +250,7 @@ def _tiny_peft(train_cfg: dict | None, before_peft=None):
         vocab_size=256,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
@@ -328,6 +330,25 @@ def test_fast_path_matches_plain_path_on_tiny_llama(checkpointing: str, mlp_chun
     assert set(grads) == set(ref_grads) and len(grads) == 2 * 7 * 2
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_compiled_layers_share_one_graph_with_their_mlps_chunked(monkeypatch) -> None:
+    """Every decoder layer after the first (whose input needs no grad) runs the same compiled graph: a wrapper
+    dynamo guards by identity (a functools.partial per layer around the MLP) made one graph per layer."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))  # dynamo alone
+    torch._dynamo.reset()
+    counters.clear()  # (other tests' graphs)
+    train_cfg = {
+        "method": "lora",
+        "precision": "fp32",
+        "speed": {"attention": "sdpa", "compile": "on", "fused_lora": "on", "mlp_chunk_tokens": 16},
+    }
+    model = _tiny_peft(train_cfg, layers=4)
+    ids = torch.randint(0, 256, (1, 12))  # shorter than a chunk: the plain MLP, traced into the graph
+    _loss_grads(model, {"input_ids": ids, "labels": ids, "position_ids": torch.arange(12)[None]})
+    assert counters["stats"]["unique_graphs"] == 2
 
 
 def test_host_embedding_gathers_on_the_host() -> None:

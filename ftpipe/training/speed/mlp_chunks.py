@@ -6,8 +6,7 @@ plain (compiled) MLP."""
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
+import types
 from typing import Any
 
 import torch
@@ -23,22 +22,25 @@ def chunk_mlps(model: nn.Module, chunk_tokens: int) -> None:
         mlp = getattr(layer, "mlp", None)
         if mlp is None:
             continue
-        mlp.forward = functools.partial(_maybe_chunked, mlp.forward, chunk_tokens)
+        mlp._ftpipe_chunk_tokens = chunk_tokens
+        # A method bound to the MLP, not a functools.partial per layer: dynamo guards a partial by its
+        # identity, so every layer compiled a graph of its own (16 on Llama-3.2-1B instead of 2), re-traced at
+        # every warm start and looked up through 16 cache entries at every call.
+        mlp.forward = types.MethodType(_maybe_chunked, mlp)
 
 
-def _maybe_chunked(
-    plain: Callable, chunk_tokens: int, hidden: torch.Tensor, *args: Any, **kwargs: Any
-) -> Any:
+def _maybe_chunked(self: nn.Module, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
     # A shape test, so torch.compile traces the plain MLP (and guards on the length) for ordinary batches. An
     # MLP called with more than the hidden states is not position-wise for sure: left whole.
-    if hidden.shape[-2] <= chunk_tokens or args or kwargs:
-        return plain(hidden, *args, **kwargs)
-    return _chunked(plain, chunk_tokens, hidden)
+    if hidden.shape[-2] <= self._ftpipe_chunk_tokens or args or kwargs:
+        return type(self).forward(self, hidden, *args, **kwargs)
+    return _chunked(self, hidden)
 
 
 @torch._dynamo.disable  # eager, chunk by chunk: at these lengths the GEMMs are large and launch costs vanish
-def _chunked(plain: Callable, chunk_tokens: int, hidden: torch.Tensor) -> torch.Tensor:
-    parts = hidden.split(chunk_tokens, dim=-2)
+def _chunked(mlp: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    plain = type(mlp).forward.__get__(mlp)
+    parts = hidden.split(mlp._ftpipe_chunk_tokens, dim=-2)
     if torch.is_grad_enabled():
         outs = [checkpoint(plain, part, use_reentrant=False) for part in parts]
     else:  # the forward of an offloaded checkpoint: nothing is kept anyway, chunks bound the transient memory
