@@ -408,7 +408,7 @@ class StepTimer:
 
 
 def hf_trainer(model: nn.Module, rows, case: dict[str, Any], steps: int, timer: StepTimer, optim: str | None):
-    from transformers import Trainer, TrainingArguments, default_data_collator
+    from transformers import Trainer, TrainingArguments
 
     args = dict(
         output_dir=tempfile.mkdtemp(prefix="bench-"),
@@ -431,9 +431,28 @@ def hf_trainer(model: nn.Module, rows, case: dict[str, Any], steps: int, timer: 
         model=model,
         args=TrainingArguments(**args),
         train_dataset=Rows(rows),
-        data_collator=default_data_collator,
+        data_collator=padded_collator,
         callbacks=[timer.callback()],
     )
+
+
+def padded_collator(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """HF's side of a batch: rows stacked, the shorter ones (a pack stage's rows can be) padded to the longest
+    with a document of pad tokens that no label trains, so its attention mask keeps it apart."""
+    from ftpipe.data.labels import IGNORE_INDEX
+
+    longest = max(len(r["input_ids"]) for r in rows)
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in COLS}
+    for r in rows:
+        pad = longest - len(r["input_ids"])
+        fill = {
+            "input_ids": torch.zeros(pad),
+            "labels": torch.full((pad,), IGNORE_INDEX),
+            "position_ids": torch.arange(pad),
+        }
+        for k in COLS:
+            out[k].append(torch.cat([torch.as_tensor(r[k]), fill[k]]).long())
+    return {k: torch.stack(v) for k, v in out.items()}
 
 
 def ftpipe_trainer(model: nn.Module, rows, cfg: dict[str, Any], steps: int, timer: StepTimer):

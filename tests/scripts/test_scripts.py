@@ -136,3 +136,22 @@ def test_bench_reads_the_commands_packed_rows(tmp_path, monkeypatch):
         starts = (row["position_ids"] == 0).nonzero().squeeze(-1).tolist()
         assert len(starts) == len(row["doc_lengths"])
     assert bench.Rows(rows)[0]["input_ids"].dtype.kind == "i"  # numpy, as the train stage's dataset
+
+
+def test_bench_pads_the_commands_shorter_rows_for_hf_with_nothing_trained_on_the_padding(monkeypatch):
+    """A pack stage's rows can be shorter than the row length; HF's side stacks them padded."""
+    import numpy as np
+
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import bench
+
+    long, short = np.arange(1, 6), np.arange(1, 4)
+    batch = bench.padded_collator(
+        [
+            {"input_ids": long, "labels": long, "position_ids": np.arange(5)},
+            {"input_ids": short, "labels": short, "position_ids": np.arange(3)},
+        ]
+    )
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape == (2, 5)
+    assert batch["labels"][1].tolist() == [1, 2, 3, -100, -100]
+    assert batch["position_ids"][1].tolist() == [0, 1, 2, 0, 1]  # the padding is a document of its own
