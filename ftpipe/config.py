@@ -423,6 +423,9 @@ def _validate_train(train: dict[str, Any], optimizer: dict[str, Any]) -> None:
             raise FtpipeError(f"config key `train.{key}` must be ≥ 1, got {train[key]}")
     if train["sample_every"] < 0:
         raise FtpipeError("config key `train.sample_every` must be ≥ 0 (0 turns sampling off)")
+    for key in ("steps", "start"):
+        if train["profile"][key] < 0:
+            raise FtpipeError(f"config key `train.profile.{key}` must be ≥ 0, got {train['profile'][key]}")
     targets = train["lora"]["target_modules"]
     if not (
         targets == "all-linear"

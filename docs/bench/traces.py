@@ -20,6 +20,10 @@ import json
 import statistics
 import sys
 from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from ftpipe.training.profiling import kernel_kind  # noqa: E402  (the one classification of GPU kernels)
 
 
 def main(path: str, bucket_ms: float = 10.0) -> None:
@@ -35,17 +39,7 @@ def main(path: str, bucket_ms: float = 10.0) -> None:
     kinds: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     streams: dict[object, float] = defaultdict(float)
     for k in gpu:
-        n = k["name"]
-        kind = (
-            "flash-attention" if "flash" in n
-            else "gemm" if "nvjet" in n or "gemm" in n or "cutlass" in n
-            else "triton (inductor)" if n.startswith("triton")
-            else "copy" if "Memcpy" in n
-            else "liger" if "liger" in n or "element_mul" in n
-            else "nf4 dequant" if "Dequant" in n
-            else "foreach (clip, AdamW)" if "multi_tensor" in n
-            else "other"
-        )
+        kind = kernel_kind(k["name"])
         kinds[kind][0] += k["dur"] / 1e3
         kinds[kind][1] += 1
         streams[k.get("args", {}).get("stream")] += k["dur"] / 1e3
@@ -73,7 +67,7 @@ def main(path: str, bucket_ms: float = 10.0) -> None:
         for name, (ms, n) in sorted(agg.items(), key=lambda kv: -kv[1][0])[:6]:
             print(f"  {ms:8.1f} ms {n:6d}x  {name}")
 
-    print(f"bucket (+ms)  GPU busy  host lead (median ms)")
+    print("bucket (+ms)  GPU busy  host lead (median ms)")
     t0, t_end, width = gpu[0]["ts"], gpu[-1]["ts"], bucket_ms * 1e3
     start = t0
     while start < t_end:

@@ -27,6 +27,8 @@ def kernel_kind(name: str) -> str:
         return "attention"
     if "nvjet" in name or "gemm" in name or "cutlass" in name or "sm90_xmma" in name:
         return "gemm"
+    if "liger" in name or "element_mul" in name or "cross_entropy" in name:
+        return "fused loss"
     if name.startswith("triton"):
         return "triton"
     if "Memcpy" in name or "Memset" in name:

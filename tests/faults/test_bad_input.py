@@ -130,6 +130,7 @@ CASES = [
     ("non-numeric lr", lambda t: ["optimizer.lr=abc"], "optimizer.lr=abc", {}),
     ("negative lr", lambda t: ["optimizer.lr=-1"], "optimizer.lr", {}),
     ("negative MLP chunk", lambda t: ["train.speed.mlp_chunk_tokens=-5"], "train.speed.mlp_chunk_tokens", {}),
+    ("negative profile steps", lambda t: ["train.profile.steps=-1"], "train.profile.steps", {}),
     ("unknown train method", lambda t: ["train.method=qlora_full"], "train.method", {}),
     (
         "ZeRO-3 + 4-bit",
