@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import random
-import re
 import subprocess
 import sys
 import time
@@ -36,7 +35,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from scaleout import WORDS, ftpipe, ftpipe_env, model_folder, newest_entry  # noqa: E402
+from scaleout import WORDS, case_spec, ftpipe, ftpipe_env, model_folder, newest_entry  # noqa: E402
 from scaleout import corpus as short_documents  # noqa: E402
 
 # case -> shape, method, packed rows per step, checkpointing, row length
@@ -191,12 +190,11 @@ def main() -> int:
         if late():
             results["cases"][spec] = {"skipped": "deadline"}
             continue
-        case, *own = spec.split("@")
+        case, own, name = case_spec(spec)
         shape, _, rows, _, row_len = CASES[case]
         model = model_folder(shape, tmp)
         steps = ns.long_steps if row_len > 2048 else ns.steps
         data = corpus(out / f"corpus_{row_len}.jsonl", row_len, max(8, steps * rows // 2 + 8))
-        name = re.sub(r"[^A-Za-z0-9._-]", "_", spec)  # a folder name Hydra's override grammar takes
         cache = out / "cache" / name
         args = [*overrides(case, model, data, steps, cache), *ns.extra.split(), *own]
         rc, wall = run_ftpipe(args, env, out / f"{name}.log")

@@ -5,6 +5,9 @@
     python scripts/scaleout.py OUT_DIR [--shape llama-3.2-1b] [--cases lora_local,lora_zero2,...] [--steps 30]
         [--kill lora_zero2] [--deadline SECONDS]
 
+A case may carry overrides of its own, `CASE@KEY=VALUE@...` (an A/B in the same call, each in its own cache),
+as in scripts/bench_command.py.
+
 Each case is one `python -m ftpipe` run on a random-init model of a real shape saved as a local folder (the
 SmolLM2 tokenizer beside it) and a plain-text corpus packed into 2048-token rows, LoRA r64 on all linear layers
 (or full fine-tuning), 4 rows per step. tokens/s is the median of the train stage's own logged rate after the
@@ -18,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import statistics
 import subprocess
@@ -36,15 +40,19 @@ CASES: dict[str, tuple[str, str, str]] = {
     "lora_zero2": ("lora", "deepspeed_zero2", "train"),
     "lora_zero3": ("lora", "deepspeed_zero3", "merge"),
     "lora_zero2_offload": ("lora", "deepspeed_zero2_offload", "train"),
-    # ZeRO-2 again, for A/B of its settings (give them with --variant lora_zero2_b:KEY=VALUE)
-    "lora_zero2_b": ("lora", "deepspeed_zero2", "train"),
-    "lora_zero2_c": ("lora", "deepspeed_zero2", "train"),
     "full_local": ("full", "local", "merge"),
     "full_zero2": ("full", "deepspeed_zero2", "train"),
     "full_zero3": ("full", "deepspeed_zero3", "merge"),
     "full_zero2_offload": ("full", "deepspeed_zero2_offload", "train"),
 }
 WORDS = [f"w{i}" for i in range(3000)]
+
+
+def case_spec(spec: str) -> tuple[str, list[str], str]:
+    """`CASE@KEY=VALUE@...`: (the case, its own overrides, a folder name for its cache that Hydra's override
+    grammar takes), so one call can run a case twice with different settings (an A/B in the same call)."""
+    case, *own = spec.split("@")
+    return case, own, re.sub(r"[^A-Za-z0-9._-]", "_", spec)
 
 
 def corpus(path: Path, docs: int, seed: int = 0) -> Path:
@@ -222,7 +230,6 @@ def main() -> int:
     parser.add_argument("--save-steps", type=int, default=0, help="default: half of --steps")
     parser.add_argument("--extra", default="", help="space-separated overrides added to every case")
     parser.add_argument("--kill", default="", help="comma list of cases to also kill mid-run and resume")
-    parser.add_argument("--variant", action="append", default=[], help="CASE:OVERRIDE for one case only")
     parser.add_argument("--deadline", type=float, default=0, help="seconds: start no new case after this")
     ns = parser.parse_args()
     started = time.time()
@@ -234,7 +241,7 @@ def main() -> int:
     data = corpus(out / "corpus.jsonl", 400 if ns.shape == "tiny" else 600)
     results: dict[str, Any] = {"shape": ns.shape, "steps": ns.steps, "cases": {}}
     report = out / "scaleout.json"
-    first = ns.cases.split(",")[0]
+    first = case_spec(ns.cases.split(",")[0])[0]
     ftpipe(
         [
             *overrides(first, model, data, out, ns.steps, ns.shape),
@@ -244,28 +251,32 @@ def main() -> int:
         env,
         out / "data.log",
     )
-    for case in ns.cases.split(","):
+    for spec in ns.cases.split(","):
         if ns.deadline and time.time() - started > ns.deadline:
-            results["cases"][case] = {"skipped": "deadline"}
+            results["cases"][spec] = {"skipped": "deadline"}
             continue
-        cache = seeded_cache(out, case)
-        extra = ns.extra.split() + [o for c, o in (v.split(":", 1) for v in ns.variant) if c == case]
-        base = [*overrides(case, model, data, out, ns.steps, ns.shape, ns.save_steps), *extra]
+        case, own, name = case_spec(spec)
+        cache = seeded_cache(out, name)
+        base = [
+            *overrides(case, model, data, out, ns.steps, ns.shape, ns.save_steps),
+            *ns.extra.split(),
+            *own,
+        ]
         t0 = time.time()
-        rc = ftpipe([*base, f"cache_dir={cache}"], env, out / f"{case}.log").returncode
+        rc = ftpipe([*base, f"cache_dir={cache}"], env, out / f"{name}.log").returncode
         try:
-            results["cases"][case] = {
+            results["cases"][spec] = {
                 **result_of(cache),
                 "rc": rc,
                 "wall_seconds": round(time.time() - t0, 1),
             }
         except (TypeError, ValueError, FileNotFoundError, KeyError) as exc:
-            tail = (out / f"{case}.log").read_text(errors="replace").splitlines()[-15:]
-            results["cases"][case] = {"error": f"{type(exc).__name__}: {exc}", "rc": rc, "log_tail": tail}
-        if case in ns.kill.split(","):
-            seeded = seeded_cache(out, f"{case}_kill")
-            results["cases"][case]["kill"] = kill_and_resume(
-                case, [*base, f"cache_dir={seeded}"], env, out, ns.steps
+            tail = (out / f"{name}.log").read_text(errors="replace").splitlines()[-15:]
+            results["cases"][spec] = {"error": f"{type(exc).__name__}: {exc}", "rc": rc, "log_tail": tail}
+        if spec in ns.kill.split(","):
+            seeded = seeded_cache(out, f"{name}_kill")
+            results["cases"][spec]["kill"] = kill_and_resume(
+                name, [*base, f"cache_dir={seeded}"], env, out, ns.steps
             )
         report.write_text(json.dumps(results, indent=1))
     compare(results)

@@ -155,3 +155,14 @@ def test_bench_pads_the_commands_shorter_rows_for_hf_with_nothing_trained_on_the
     assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape == (2, 5)
     assert batch["labels"][1].tolist() == [1, 2, 3, -100, -100]
     assert batch["position_ids"][1].tolist() == [0, 1, 2, 0, 1]  # the padding is a document of its own
+
+
+def test_a_case_spec_carries_its_own_overrides_and_cache_folder(monkeypatch):
+    """scaleout.py and bench_command.py spell an A/B the same way: CASE@KEY=VALUE@..., each in its own cache."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    from scaleout import case_spec
+
+    assert case_spec("lora_zero2") == ("lora_zero2", [], "lora_zero2")
+    case, own, folder = case_spec("lora_zero2@train.speed.compile=off@optimizer.lr=1e-4")
+    assert (case, own) == ("lora_zero2", ["train.speed.compile=off", "optimizer.lr=1e-4"])
+    assert folder == "lora_zero2_train.speed.compile_off_optimizer.lr_1e-4"  # no @ or = in cache_dir=...
