@@ -594,7 +594,7 @@ def measure(side: str, case: dict[str, Any], rows, args, overrides: dict[str, An
     if args.memory:
         try:
             if side == "hf":
-                one = {k: torch.stack([torch.as_tensor(r[k]) for r in rows[: case["batch"]]]) for k in COLS}
+                one = padded_collator(rows[: case["batch"]])
             else:
                 from ftpipe.training import speed
 
@@ -673,7 +673,7 @@ def guard(case_name: str, rows, args, overrides: dict[str, Any]) -> dict[str, An
     case = dict(CASES[case_name])
     path = model_dir(case["shape"], args.seed)
     batch_rows = rows[: case["batch"]]
-    padded = {k: torch.stack([r[k] for r in batch_rows]) for k in COLS}
+    padded = padded_collator(batch_rows)
     cleanup()
     hf = hf_model(case, path, init_random=True)
     if case["ckpt"]:
