@@ -87,7 +87,7 @@ def test_lora_linear_fn_matches_autograd() -> None:
     w, bias = torch.randn(8, 12, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
     a = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
     b = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
-    out = lora_linear(x, w, bias, a, b, 0.25)
+    out = lora_linear(x, w, bias, [a], [b], [0.25])
     ref = F.linear(x, w, bias) + 0.25 * (x @ a.T) @ b.T
     torch.testing.assert_close(out, ref)
     g = torch.randn_like(ref)
@@ -95,6 +95,55 @@ def test_lora_linear_fn_matches_autograd() -> None:
         torch.autograd.grad(out, (x, a, b), g), torch.autograd.grad(ref, (x, a, b), g), strict=True
     ):
         torch.testing.assert_close(got, want)
+
+
+def test_lora_linear_over_a_group_matches_autograd() -> None:
+    """One operator for projections that read the same x (q/k/v): base weights concatenated along the outputs,
+    each projection's own rank and scale; the same outputs and gradients as three separate LoRA linears."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    outs, ranks, scales = (8, 4, 4), (4, 2, 3), [0.25, 0.5, 2.0]
+    ws = [torch.randn(n, 12, dtype=torch.float64) for n in outs]
+    biases = [torch.randn(n, dtype=torch.float64) for n in outs]
+    a = [torch.randn(r, 12, dtype=torch.float64, requires_grad=True) for r in ranks]
+    b = [torch.randn(n, r, dtype=torch.float64, requires_grad=True) for n, r in zip(outs, ranks, strict=True)]
+    out = lora_linear(x, torch.cat(ws), torch.cat(biases), a, b, scales)
+    parts = zip(ws, biases, a, b, scales, strict=True)
+    ref = torch.cat([F.linear(x, w, bias) + s * (x @ aa.T) @ bb.T for w, bias, aa, bb, s in parts], dim=-1)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(ref)
+    for got, want in zip(
+        torch.autograd.grad(out, (x, *a, *b), g), torch.autograd.grad(ref, (x, *a, *b), g), strict=True
+    ):
+        torch.testing.assert_close(got, want)
+
+
+def test_grouped_siblings_keep_the_numbers_in_any_call_order() -> None:
+    """q/k/v and gate/up grouped (`fuse_lora`): the base layers' weights become views of the group's one weight
+    (no copy), and a member called with another input than its siblings, or before them, still gives its own
+    projection (a member called with a new input computes the group again)."""
+    fast = _tiny_peft(
+        {"method": "lora", "precision": "fp32", "speed": {"fused_lora": "on", "attention": "sdpa"}}
+    )
+    plain = _tiny_peft(None)
+    attn, ref = (
+        fast.base_model.model.model.layers[0].self_attn,
+        plain.base_model.model.model.layers[0].self_attn,
+    )
+    head = attn.q_proj
+    weight = head._ftpipe_group_weight
+    assert (
+        attn.k_proj.get_base_layer().weight.data_ptr() == weight.data_ptr() + 64 * 64 * weight.element_size()
+    )
+    x, other = torch.randn(1, 6, 64), torch.randn(1, 6, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(attn.v_proj(x), ref.v_proj(x))  # v first: it computes the group
+        torch.testing.assert_close(attn.k_proj(other), ref.k_proj(other))  # another input: its own numbers
+        torch.testing.assert_close(attn.q_proj(x), ref.q_proj(x))  # a new input: the group again
+        torch.testing.assert_close(attn.k_proj(x), ref.k_proj(x))
+        assert head._ftpipe_pending[2] == (2,)  # v's columns wait
+        torch.testing.assert_close(attn.v_proj(x), ref.v_proj(x))
+    assert head._ftpipe_pending is None  # every member served: the group's output is let go
 
 
 def _fused_qlora_layer(keep_dequant: bool = False):
@@ -144,6 +193,63 @@ def test_lora_4bit_layer_matches_dequantized_reference() -> None:
         assert ((gg.float() - ww).norm() / ww.norm()) < 2e-2
 
 
+def test_grouped_4bit_siblings_match_their_own_projections() -> None:
+    """q/k/v over nf4 weights grouped: one dequantization of the concatenated packed data and block scales
+    gives each projection the numbers (and gradients) it gives alone, and no 4-bit data is copied."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, inject_adapter_in_model
+
+    def attention(group: bool) -> torch.nn.Module:
+        torch.manual_seed(0)
+        parent = torch.nn.Module()
+        for name, rows in (("q_proj", 64), ("k_proj", 32), ("v_proj", 32)):
+            base = bnb.nn.Linear4bit(64, rows, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+            base.weight = bnb.nn.Params4bit(
+                torch.randn(rows, 64, dtype=torch.bfloat16),
+                requires_grad=False,
+                quant_type="nf4",
+                compress_statistics=True,
+                blocksize=64,
+            )
+            parent.add_module(name, base.to("cpu"))
+        torch.manual_seed(1)
+        lora = LoraConfig(
+            r=4, lora_alpha=2, target_modules=["q_proj", "k_proj", "v_proj"], init_lora_weights=False
+        )
+        parent = inject_adapter_in_model(lora, parent)
+        cast_adapters(parent, torch.bfloat16)
+        if group:
+            assert fuse_lora(parent) == 3
+        else:
+            from ftpipe.training.speed import lora as lora_lever
+
+            lora_lever.SIBLINGS, saved = (), lora_lever.SIBLINGS
+            try:
+                assert fuse_lora(parent) == 3
+            finally:
+                lora_lever.SIBLINGS = saved
+        return parent
+
+    grouped, alone = attention(True), attention(False)
+    assert "_ftpipe_members" in grouped.q_proj.__dict__ and "_ftpipe_members" not in alone.q_proj.__dict__
+    packed = grouped.q_proj._ftpipe_group_weight
+    assert grouped.v_proj.get_base_layer().weight.data_ptr() == packed.data_ptr() + (64 + 32) * 64 // 2
+    torch.manual_seed(2)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    results = []
+    for parent in (grouped, alone):
+        xs = x.clone().requires_grad_()
+        outs = [getattr(parent, n)(xs) for n in ("q_proj", "k_proj", "v_proj")]
+        loss = sum((o.float() ** 2).sum() for o in outs)
+        params = [p for n, p in sorted(parent.named_parameters()) if "lora_" in n]
+        results.append((outs, torch.autograd.grad(loss, [xs, *params])))
+    (outs, grads), (ref_outs, ref_grads) = results
+    for got, want in zip(outs, ref_outs, strict=True):
+        torch.testing.assert_close(got, want)  # the same dequantized rows, the same GEMMs per column
+    for got, want in zip(grads, ref_grads, strict=True):  # dx: one bf16 GEMM over the group, not three summed
+        assert ((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
+
+
 def test_lora_ops_trace_under_compile() -> None:
     """The fused LoRA ops (torch.library registrations) trace through AOTAutograd with their fake kernels and
     autograd formulas: a compiled function gives the eager gradients."""
@@ -154,7 +260,7 @@ def test_lora_ops_trace_under_compile() -> None:
     b = torch.randn(8, 4, requires_grad=True)
 
     def f(x, a, b):
-        return (lora_linear(x, w, None, a, b, 0.3) ** 2).sum()
+        return (lora_linear(x, w, None, [a], [b], [0.3]) ** 2).sum()
 
     want = torch.autograd.grad(f(x, a, b), (x, a, b))
     got = torch.autograd.grad(torch.compile(f, backend="aot_eager", fullgraph=True)(x, a, b), (x, a, b))
@@ -333,8 +439,9 @@ def test_fast_path_matches_plain_path_on_tiny_llama(checkpointing: str, mlp_chun
 
 
 def test_compiled_layers_share_one_graph_with_their_mlps_chunked(monkeypatch) -> None:
-    """Every decoder layer after the first (whose input needs no grad) runs the same compiled graph: a wrapper
-    dynamo guards by identity (a functools.partial per layer around the MLP) made one graph per layer."""
+    """Every decoder layer runs the same compiled graph: a wrapper dynamo guards by identity (a
+    functools.partial per layer around the MLP) made one graph per layer, and the first layer's input, which
+    needs no grad, one more."""
     from torch._dynamo.utils import counters
 
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))  # dynamo alone
@@ -347,8 +454,15 @@ def test_compiled_layers_share_one_graph_with_their_mlps_chunked(monkeypatch) ->
     }
     model = _tiny_peft(train_cfg, layers=4)
     ids = torch.randint(0, 256, (1, 12))  # shorter than a chunk: the plain MLP, traced into the graph
-    _loss_grads(model, {"input_ids": ids, "labels": ids, "position_ids": torch.arange(12)[None]})
-    assert counters["stats"]["unique_graphs"] == 2
+    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(12)[None]}
+    loss, grads = _loss_grads(model, batch)
+    assert counters["stats"]["unique_graphs"] == 1
+    # the first layer's input made to need grad changes no number
+    ref_loss, ref_grads = _loss_grads(_tiny_peft(None, layers=4), batch)
+    torch.testing.assert_close(loss, ref_loss)
+    assert set(grads) == set(ref_grads)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_host_embedding_gathers_on_the_host() -> None:

@@ -223,7 +223,7 @@ def wrap_layers(model: nn.Module, levers: Levers) -> None:
         inner = type(layer).forward.__get__(layer)
         if mode == "selective":
             inner = _selective(inner)
-        run = compiled.dynamic_in_length(torch.compile(inner)) if levers.compile else inner
+        run = compiled.compiled_layer(inner) if levers.compile else inner
         if mode in ("none", "selective"):
             layer.forward = run
             continue

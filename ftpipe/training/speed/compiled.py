@@ -39,6 +39,31 @@ def configure(levers: Levers, layers: int) -> None:
     functorch_config.activation_memory_budget = levers.activation_budget or 1.0
 
 
+def compiled_layer(layer_forward: Callable) -> Callable:
+    """A decoder layer's forward, torch.compile'd so that every layer runs one graph of every length."""
+    # the outer wrapper may hand a new (detached) tensor on: the inner one marks what the graph receives
+    return one_graph_per_grad_mode(dynamic_in_length(torch.compile(layer_forward)))
+
+
+def one_graph_per_grad_mode(run: Callable) -> Callable:
+    """Every layer's hidden states need grad exactly when grad is on. The first layer's input (the frozen
+    embeddings' output) needs none, and dynamo guards on the flag: that layer compiled a graph of its own (2
+    graphs for a model's layers, 4 under a checkpoint's no-grad forward and recompute), each traced again at
+    every warm start. The price of one graph is the first layer's input gradient: the backward of its q/k/v
+    projections' input and its norm, about 1/40 of a layer's backward, and a leaf's gradient freed with the
+    graph. Under no grad (a checkpoint's first forward) the input is only detached: nothing to pay."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        grad = torch.is_grad_enabled()
+        if args and torch.is_tensor(args[0]) and args[0].requires_grad != grad:
+            args = (args[0].detach().requires_grad_(grad), *args[1:])
+        elif torch.is_tensor(hidden := kwargs.get("hidden_states")) and hidden.requires_grad != grad:
+            kwargs["hidden_states"] = hidden.detach().requires_grad_(grad)
+        return run(*args, **kwargs)
+
+    return call
+
+
 def dynamic_in_length(run: Callable) -> Callable:
     """A compiled layer whose graph is generic in the sequence length from its first call: every dimension of
     its tensor arguments as long as the hidden states' token dimension (hidden states, rotary cos/sin, a mask)

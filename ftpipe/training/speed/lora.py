@@ -1,5 +1,6 @@
 """The LoRA levers on PEFT's layers: fused LoRA linears (`fuse_lora`: one autograd node per projection, over a
-bf16 or a 4-bit base) and the adapter dtype (`cast_adapters`, `downcast_frozen`)."""
+bf16 or a 4-bit base; one per group of bf16 projections that read the same input) and the adapter dtype
+(`cast_adapters`, `downcast_frozen`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,15 @@ from torch import nn
 
 from .lora_ops import lora_linear
 from .nf4_ops import NF4_BUFFERS, attach_nf4, nf4_call
+
+# Sibling projections that read the same input in transformers' decoder layers (Llama, Qwen2, Mistral, Gemma,
+# ...): attention's q/k/v read the normed hidden states, the MLP's gate/up its normed input. Grouped, each is one
+# GEMM over their concatenated base weights and one over their A's, in one operator call: for Llama-3.2-1B 4
+# operator calls a layer instead of 7 and 46 kernels instead of 70 over forward and backward, and k/v's narrow
+# GEMMs (512 outputs) become part of q's.
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# the group's base weight (bf16, or packed 4-bit data), its fp32 block scales (4-bit), its bias
+_WEIGHT, _ABSMAX, _BIAS = "_ftpipe_group_weight", "_ftpipe_group_absmax", "_ftpipe_group_bias"
 
 
 def _lora_can_fuse(layer: nn.Module) -> bool:
@@ -32,27 +42,132 @@ def _lora_can_fuse(layer: nn.Module) -> bool:
     return type(base).__name__ == "Linear4bit" and a_dtype == torch.bfloat16
 
 
+def _adapter(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
+    (name,) = layer.active_adapters
+    return layer.lora_A[name].weight, layer.lora_B[name].weight, float(layer.scaling[name])
+
+
 def _fused_lora_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     if args or kwargs or not _lora_can_fuse(self):
         return type(self).forward(self, x, *args, **kwargs)
-    (name,) = self.active_adapters
-    base = self.get_base_layer()
-    a, b = self.lora_A[name].weight, self.lora_B[name].weight
+    head = self.__dict__.get("_ftpipe_head")
+    if head is not None:
+        return _grouped(self, head, x)
+    a, b, scale = _adapter(self)
     if x.dtype != a.dtype:
         x = x.to(a.dtype)
-    scale = float(self.scaling[name])
+    base = self.get_base_layer()
     if self._ftpipe_nf4 is not None:
         # Under checkpointing a forward with grad on is the recompute, its backward right after it.
         keep = self._ftpipe_keep_dequant and torch.is_grad_enabled()
         data, absmax = (getattr(self, n) for n in NF4_BUFFERS)
-        return nf4_call(x, data, absmax, base.bias, a, b, scale, self._ftpipe_nf4, keep)
-    return lora_linear(x, base.weight, base.bias, a, b, scale)
+        return nf4_call(x, data, absmax, base.bias, [a], [b], [scale], self._ftpipe_nf4, keep)
+    return lora_linear(x, base.weight, base.bias, [a], [b], [scale])
+
+
+def _grouped(self: nn.Module, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """This projection's columns of its group's output. The first member called with an input computes the
+    whole group and keeps the output on the group's head until every member has taken its columns. A member
+    called with another input computes the group again, and one whose sibling cannot fuse (adapters disabled)
+    takes PEFT's own path: any call order gives the plain numbers."""
+    members = head._ftpipe_members
+    pending = head._ftpipe_pending
+    if pending is not None and pending[0] is x and self._ftpipe_member in pending[2]:
+        out, left = pending[1], pending[2]
+    else:
+        if not all(_lora_can_fuse(m) for m in members):
+            return type(self).forward(self, x)
+        adapters = [_adapter(m) for m in members]
+        a, b, scale = ([t[i] for t in adapters] for i in range(3))
+        xc = x.to(a[0].dtype) if x.dtype != a[0].dtype else x
+        weight, bias = getattr(head, _WEIGHT), getattr(head, _BIAS)
+        if head._ftpipe_nf4 is not None:
+            keep = head._ftpipe_keep_dequant and torch.is_grad_enabled()  # as for one projection
+            absmax = getattr(head, _ABSMAX)
+            out = nf4_call(xc, weight, absmax, bias, a, b, scale, head._ftpipe_group_nf4, keep)
+        else:
+            out = lora_linear(xc, weight, bias, a, b, scale)
+        left = tuple(range(len(members)))
+    left = tuple(i for i in left if i != self._ftpipe_member)
+    head._ftpipe_pending = (x, out, left) if left else None
+    start, stop = self._ftpipe_columns
+    return out[..., start:stop]
+
+
+def group_siblings(model: nn.Module) -> int:
+    """Group the fused LoRA projections that read the same input (`SIBLINGS`) under one operator call; returns
+    how many groups. Their base weights (and biases) are concatenated once, and each base layer's weight
+    becomes a view of its rows: no second copy. A 4-bit weight is quantized in blocks of the row-major weight,
+    so the rows of several concatenate as their packed data and block scales do."""
+    groups = 0
+    for parent in model.modules():
+        for names in SIBLINGS:
+            members = [getattr(parent, n, None) for n in names]
+            if not all(m is not None and hasattr(m, "_ftpipe_nf4") for m in members):
+                continue  # not fused
+            bases = [m.get_base_layer() for m in members]
+            first = members[0]
+            if any(
+                b.in_features != bases[0].in_features
+                or (b.bias is None) != (bases[0].bias is None)
+                or (m._ftpipe_nf4 is None) != (first._ftpipe_nf4 is None)
+                or (m._ftpipe_nf4 is not None and m._ftpipe_nf4[:2] != first._ftpipe_nf4[:2])
+                or tuple(m.active_adapters) != tuple(first.active_adapters)
+                for m, b in zip(members, bases, strict=True)
+            ):
+                continue
+            _group(members, bases)
+            groups += 1
+    return groups
+
+
+def _concatenated(parts: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(parts concatenated along dim 0, each part as a view of its rows)"""
+    whole = torch.cat(parts)
+    return whole, list(whole.split([p.shape[0] for p in parts]))
+
+
+def _group(members: list[nn.Module], bases: list[nn.Module]) -> None:
+    head = members[0]
+    four_bit = head._ftpipe_nf4 is not None
+    with torch.no_grad():
+        if four_bit:
+            weight, views = _concatenated([getattr(m, NF4_BUFFERS[0]) for m in members])
+            absmax, scale_views = _concatenated([getattr(m, NF4_BUFFERS[1]) for m in members])
+            for m, base, data, scales in zip(members, bases, views, scale_views, strict=True):
+                base.weight.data = data  # Params4bit keeps its quant_state, its data now the group's rows
+                m.register_buffer(NF4_BUFFERS[0], data, persistent=False)
+                m.register_buffer(NF4_BUFFERS[1], scales, persistent=False)
+            blocksize, quant_type, _shape, dtype = head._ftpipe_nf4
+            rows = sum(b.out_features for b in bases)
+            head._ftpipe_group_nf4 = (blocksize, quant_type, [rows, bases[0].in_features], dtype)
+            head.register_buffer(_ABSMAX, absmax, persistent=False)
+        else:
+            weight, views = _concatenated([b.weight for b in bases])
+            for base, view in zip(bases, views, strict=True):
+                base.weight.data = view
+        bias = None
+        if bases[0].bias is not None:
+            bias, bias_views = _concatenated([b.bias for b in bases])
+            for base, view in zip(bases, bias_views, strict=True):
+                base.bias.data = view
+    start = 0
+    for i, (member, base) in enumerate(zip(members, bases, strict=True)):
+        member._ftpipe_member, member._ftpipe_columns = i, (start, start + base.out_features)
+        # a plain attribute, not a submodule: the head must not appear twice in the module tree
+        member.__dict__["_ftpipe_head"] = head
+        start += base.out_features
+    head.__dict__["_ftpipe_members"] = members
+    head._ftpipe_pending = None
+    head.register_buffer(_WEIGHT, weight, persistent=False)
+    head.register_buffer(_BIAS, bias, persistent=False)
 
 
 def fuse_lora(model: nn.Module, keep_dequant: bool = False) -> int:
-    """Route every PEFT LoRA linear (bf16 or 4-bit base) through one autograd node; returns how many.
-    `keep_dequant` (only where every forward with grad is a checkpoint's recompute): a 4-bit weight dequantized
-    in that forward is kept for its backward."""
+    """Route every PEFT LoRA linear (bf16 or 4-bit base) through one autograd node, siblings over a bf16 base
+    through one per group (`group_siblings`); returns how many projections. `keep_dequant` (only where every
+    forward with grad is a checkpoint's recompute): a 4-bit weight dequantized in that forward is kept for its
+    backward."""
     from peft.tuners.lora import LoraLayer
 
     n = 0
@@ -65,6 +180,7 @@ def fuse_lora(model: nn.Module, keep_dequant: bool = False) -> int:
                 attach_nf4(module, base)
             module.forward = types.MethodType(_fused_lora_forward, module)
             n += 1
+    group_siblings(model)
     return n
 
 

@@ -1,4 +1,6 @@
-"""Fused LoRA linear for a bf16 (or any plain) base weight: y = x W^T + b + s (x A^T) B^T as one autograd node.
+"""Fused LoRA linear for a bf16 (or any plain) base weight: y = x W^T + b + s (x A^T) B^T as one autograd node,
+for one projection or a group of projections that read the same input (q/k/v, gate/up: one GEMM for their base
+weights, one for their A's).
 
 No `from __future__ import annotations` here: torch.library reads the operators' annotations.
 """
@@ -27,17 +29,33 @@ def _op(schema: str, impl: Callable, fake: Callable) -> Any:
     return getattr(torch.ops.ftpipe, name).default
 
 
+def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * m1 @ m2 as one GEMM (alpha): no separate pass over the product to scale it. With beta=0 the
+    (uninitialised, 0-dim) input is never read."""
+    return torch.addmm(m1.new_empty(()), m1, m2, beta=0, alpha=scale)
+
+
 def _lora_out(
     x2: torch.Tensor,
     w: torch.Tensor,
     bias: torch.Tensor | None,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: float,
+    a: list[torch.Tensor],
+    b: list[torch.Tensor],
+    scale: list[float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    h = torch.mm(x2, a.t())
+    """The projections of one group (one or more sharing the input x, e.g. q/k/v: `w`, `bias` their base
+    weights concatenated along the outputs): out [T, sum N_i] = x W^T + b, and in each projection's columns
+    s_i (x A_i^T) B_i^T added in the GEMM epilogue, in place; h [T, sum r_i] = x [A_1; A_2; ...]^T."""
+    h = torch.mm(x2, (a[0] if len(a) == 1 else torch.cat(a)).t())
     out = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
-    return out.addmm_(h, b.t(), alpha=scale), h  # s (x A^T) B^T added in the GEMM epilogue, in place
+    if len(b) == 1:
+        return out.addmm_(h, b[0].t(), alpha=scale[0]), h
+    n = r = 0
+    for b_i, s_i in zip(b, scale, strict=True):
+        n_i, r_i = b_i.shape
+        out[:, n : n + n_i].addmm_(h[:, r : r + r_i], b_i.t(), alpha=s_i)
+        n, r = n + n_i, r + r_i
+    return out, h
 
 
 def _lora_grads(
@@ -45,13 +63,26 @@ def _lora_grads(
     x2: torch.Tensor,
     w: torch.Tensor | None,
     h: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.mm(d, b)  # dy B (unscaled; s goes into the GEMMs / the small rank-r products)
-    dx = torch.mm(d, w).addmm_(g, a, alpha=scale) if w is not None else d.new_empty(0)
-    return dx, torch.mm(g.t(), x2).mul_(scale), torch.mm(d.t(), h).mul_(scale)
+    a: list[torch.Tensor],
+    b: list[torch.Tensor],
+    scale: list[float],
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """(dx, [dA_i], [dB_i]) for dy = d [T, sum N_i]: dx = d W + sum_i s_i (d_i B_i) A_i, dA_i = s_i (d_i B_i)^T x,
+    dB_i = s_i d_i^T h_i (d_i, h_i: projection i's columns). dx is empty where `w` is None (not needed)."""
+    dx = torch.mm(d, w) if w is not None else d.new_empty(0)
+    da, db = [], []
+    n = r = 0
+    for a_i, b_i, s_i in zip(a, b, scale, strict=True):
+        n_i, r_i = b_i.shape
+        d_i = d if len(b) == 1 else d[:, n : n + n_i]
+        h_i = h if len(b) == 1 else h[:, r : r + r_i]
+        g = torch.mm(d_i, b_i)  # d_i B_i (unscaled; s_i goes into the GEMMs)
+        if w is not None:
+            dx.addmm_(g, a_i, alpha=s_i)
+        da.append(_scaled_mm(g.t(), x2, s_i))
+        db.append(_scaled_mm(d_i.t(), h_i, s_i))
+        n, r = n + n_i, r + r_i
+    return dx, da, db
 
 
 def _lora_fwd_impl(x, w, bias, a, b, scale):
@@ -60,28 +91,33 @@ def _lora_fwd_impl(x, w, bias, a, b, scale):
 
 
 def _lora_fwd_fake(x, w, bias, a, b, scale):
-    return x.new_empty(*x.shape[:-1], w.shape[0]), x.new_empty(x.numel() // x.shape[-1], a.shape[0])
+    rank = sum(t.shape[0] for t in a)
+    return x.new_empty(*x.shape[:-1], w.shape[0]), x.new_empty(x.numel() // x.shape[-1], rank)
 
 
 def _lora_bwd_impl(dy, x, w, h, a, b, scale, need_dx):
-    """(dx, dA, dB): dx = dy W + s (dy B) A (empty when not needed), dA = s (dy B)^T x, dB = s dy^T (x A^T)."""
+    """(dx, [dA_i], [dB_i]): `_lora_grads` (dx empty when not needed)."""
     d = dy.reshape(-1, dy.shape[-1])
     dx, da, db = _lora_grads(d, x.reshape(-1, x.shape[-1]), w if need_dx else None, h, a, b, scale)
     return (dx.view(x.shape) if need_dx else dx), da, db
 
 
 def _lora_bwd_fake(dy, x, w, h, a, b, scale, need_dx):
-    return (x.new_empty(x.shape) if need_dx else x.new_empty(0)), a.new_empty(a.shape), b.new_empty(b.shape)
+    return (
+        x.new_empty(x.shape) if need_dx else x.new_empty(0),
+        [t.new_empty(t.shape) for t in a],
+        [t.new_empty(t.shape) for t in b],
+    )
 
 
 lora_linear_fwd = _op(
-    "lora_linear(Tensor x, Tensor w, Tensor? bias, Tensor a, Tensor b, float scale) -> (Tensor, Tensor)",
+    "lora_linear(Tensor x, Tensor w, Tensor? bias, Tensor[] a, Tensor[] b, float[] scale) -> (Tensor, Tensor)",
     _lora_fwd_impl,
     _lora_fwd_fake,
 )
 lora_linear_bwd = _op(
-    "lora_linear_bwd(Tensor dy, Tensor x, Tensor w, Tensor h, Tensor a, Tensor b, float scale, bool need_dx)"
-    " -> (Tensor, Tensor, Tensor)",
+    "lora_linear_bwd(Tensor dy, Tensor x, Tensor w, Tensor h, Tensor[] a, Tensor[] b, float[] scale, "
+    "bool need_dx) -> (Tensor, Tensor[], Tensor[])",
     _lora_bwd_impl,
     _lora_bwd_fake,
 )
@@ -89,14 +125,15 @@ lora_linear_bwd = _op(
 
 def _lora_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     x, w, _bias, a, b, scale = inputs
-    ctx.save_for_backward(x, w, output[1], a, b)
-    ctx.scale = scale
+    ctx.save_for_backward(x, w, output[1], *a, *b)
+    ctx.scale, ctx.members = scale, len(a)
 
 
 def _lora_backward(ctx: Any, dy: torch.Tensor, _dh: Any) -> tuple:
-    x, w, h, a, b = ctx.saved_tensors
+    x, w, h, *ab = ctx.saved_tensors
+    k = ctx.members
     need_dx = ctx.needs_input_grad[0]
-    dx, da, db = lora_linear_bwd(dy, x, w, h, a, b, ctx.scale, need_dx)
+    dx, da, db = lora_linear_bwd(dy, x, w, h, ab[:k], ab[k:], ctx.scale, need_dx)
     return (dx if need_dx else None), None, None, da, db, None
 
 
@@ -107,11 +144,12 @@ def lora_linear(
     x: torch.Tensor,
     w: torch.Tensor,
     bias: torch.Tensor | None,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: float,
+    a: list[torch.Tensor],
+    b: list[torch.Tensor],
+    scale: list[float],
 ) -> torch.Tensor:
-    """y = x W^T + b + s (x A^T) B^T as one autograd node. Saves x (shared with the sibling projections that
-    read the same input) and the rank-r x A^T; backward is three GEMMs plus one accumulating in place.
-    Replaces PEFT's chain of linear, linear, scale, add (and its backward's extra full-size passes)."""
+    """y = x W^T + b + s_i (x A_i^T) B_i^T in projection i's columns, as one autograd node, for one projection or
+    a group that reads the same x (W, b: the group's base weights concatenated, see `lora.group_siblings`).
+    Saves x (shared with the sibling projections that read the same input) and the rank-r x A^T. Replaces
+    PEFT's chain of linear, linear, scale, add per projection (and its backward's extra full-size passes)."""
     return lora_linear_fwd(x, w, bias, a, b, scale)[0]

@@ -41,7 +41,8 @@ def _nf4_fwd_impl(x, data, absmax, bias, a, b, scale, blocksize, quant_type, sha
 
 
 def _nf4_fwd_fake(x, data, absmax, bias, a, b, scale, blocksize, quant_type, shape, dtype):
-    return x.new_empty(*x.shape[:-1], shape[0]), x.new_empty(x.numel() // x.shape[-1], a.shape[0])
+    rank = sum(t.shape[0] for t in a)
+    return x.new_empty(*x.shape[:-1], shape[0]), x.new_empty(x.numel() // x.shape[-1], rank)
 
 
 def _nf4_keep_impl(x, data, absmax, bias, a, b, scale, blocksize, quant_type, shape, dtype):
@@ -67,21 +68,23 @@ def _nf4_bwd_impl(dy, x, data, absmax, h, a, b, scale, blocksize, quant_type, sh
 
 
 def _nf4_bwd_fake(dy, x, data, absmax, h, a, b, scale, blocksize, quant_type, shape, dtype, need_dx):
-    return (x.new_empty(x.shape) if need_dx else x.new_empty(0)), a.new_empty(a.shape), b.new_empty(b.shape)
+    return (
+        x.new_empty(x.shape) if need_dx else x.new_empty(0),
+        [t.new_empty(t.shape) for t in a],
+        [t.new_empty(t.shape) for t in b],
+    )
 
 
-_NF4_ARGS = (
-    "Tensor x, Tensor data, Tensor absmax, Tensor? bias, Tensor a, Tensor b, float scale, int blocksize, "
-)
+_NF4_ARGS = "Tensor x, Tensor data, Tensor absmax, Tensor? bias, Tensor[] a, Tensor[] b, float[] scale, int blocksize, "
 _NF4_ARGS += "str quant_type, int[] shape, ScalarType dtype"
 lora_nf4_fwd = _op(f"lora_linear_nf4({_NF4_ARGS}) -> (Tensor, Tensor)", _nf4_fwd_impl, _nf4_fwd_fake)
 lora_nf4_keep_fwd = _op(
     f"lora_linear_nf4_keep({_NF4_ARGS}) -> (Tensor, Tensor, Tensor)", _nf4_keep_impl, _nf4_keep_fake
 )
 lora_nf4_bwd = _op(
-    "lora_linear_nf4_bwd(Tensor dy, Tensor x, Tensor data, Tensor absmax, Tensor h, Tensor a, Tensor b, "
-    "float scale, int blocksize, str quant_type, int[] shape, ScalarType dtype, bool need_dx)"
-    " -> (Tensor, Tensor, Tensor)",
+    "lora_linear_nf4_bwd(Tensor dy, Tensor x, Tensor data, Tensor absmax, Tensor h, Tensor[] a, Tensor[] b, "
+    "float[] scale, int blocksize, str quant_type, int[] shape, ScalarType dtype, bool need_dx)"
+    " -> (Tensor, Tensor[], Tensor[])",
     _nf4_bwd_impl,
     _nf4_bwd_fake,
 )
@@ -89,27 +92,27 @@ lora_nf4_bwd = _op(
 
 def _nf4_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     x, data, absmax, _bias, a, b, scale, *meta = inputs
-    ctx.save_for_backward(x, data, absmax, output[1], a, b)
-    ctx.scale, ctx.meta = scale, meta
+    ctx.save_for_backward(x, data, absmax, output[1], *a, *b)
+    ctx.scale, ctx.meta, ctx.members = scale, meta, len(a)
 
 
 def _nf4_backward(ctx: Any, dy: torch.Tensor, _dh: Any) -> tuple:
-    x, data, absmax, h, a, b = ctx.saved_tensors
-    need_dx = ctx.needs_input_grad[0]
-    dx, da, db = lora_nf4_bwd(dy, x, data, absmax, h, a, b, ctx.scale, *ctx.meta, need_dx)
+    x, data, absmax, h, *ab = ctx.saved_tensors
+    k, need_dx = ctx.members, ctx.needs_input_grad[0]
+    dx, da, db = lora_nf4_bwd(dy, x, data, absmax, h, ab[:k], ab[k:], ctx.scale, *ctx.meta, need_dx)
     return (dx if need_dx else None), None, None, None, da, db, None, None, None, None, None
 
 
 def _nf4_keep_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     x, _data, _absmax, _bias, a, b, scale = inputs[:7]
-    ctx.save_for_backward(x, output[2], output[1], a, b)
-    ctx.scale = scale
+    ctx.save_for_backward(x, output[2], output[1], *a, *b)
+    ctx.scale, ctx.members = scale, len(a)
 
 
 def _nf4_keep_backward(ctx: Any, dy: torch.Tensor, _dh: Any, _dw: Any) -> tuple:
-    x, w, h, a, b = ctx.saved_tensors
-    need_dx = ctx.needs_input_grad[0]
-    dx, da, db = lora_linear_bwd(dy, x, w, h, a, b, ctx.scale, need_dx)
+    x, w, h, *ab = ctx.saved_tensors
+    k, need_dx = ctx.members, ctx.needs_input_grad[0]
+    dx, da, db = lora_linear_bwd(dy, x, w, h, ab[:k], ab[k:], ctx.scale, need_dx)
     return (dx if need_dx else None), None, None, None, da, db, None, None, None, None, None
 
 
