@@ -82,6 +82,10 @@ def training_arguments(
         disable_tqdm=False,
         **speed.training_args_overrides(levers),
         ddp_find_unused_parameters=False,  # every trained parameter takes part in every step
+        # DDP would broadcast every buffer from rank 0 before every forward: a causal LM's own buffers (rotary
+        # frequencies) are the same on every rank, and the fused LoRA ops keep frozen base weights as buffers
+        # (4-bit data, grouped q/k/v and gate/up weights: most of the model) that never change.
+        ddp_broadcast_buffers=False,
         ddp_timeout=cfg["launcher"]["timeout_minutes"] * 60,  # a lost rank fails the others, never hangs them
         deepspeed=deepspeed_config(cfg["launcher"], micro_batch, grad_accum, precision, opt["max_grad_norm"]),
     )
