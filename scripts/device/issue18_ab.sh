@@ -5,7 +5,8 @@
 #   BEFORE=build/before CASES=lora,qlora,lora_offload [CPP_CASES=lora,lora@train.speed.fused_lora=off] \
 #       bash scripts/device/issue18_ab.sh
 # CPP_CASES: cases run again with inductor's C++ wrapper (TORCHINDUCTOR_CPP_WRAPPER=1: the compiled layers launch
-# their kernels from generated C++ instead of Python).
+# their kernels from generated C++ instead of Python; on torch 2.11 it fails on varlen attention's int[] argument).
+# The compiled artefacts are shared ($FTPIPE_CACHE/build): only the first run of a shape in a call is a cold start.
 set -uo pipefail
 export WHEELS=${WHEELS:-.whl_bench}
 source scripts/device/setup.sh
@@ -13,8 +14,9 @@ unset PYTHONDONTWRITEBYTECODE  # the image sets it: every import would compile f
 CASES=${CASES:-lora,qlora,lora_offload} STEPS=${STEPS:-40} GUARD=${GUARD-llama1b_lora,llama1b_lora_ckpt,llama1b_qlora}
 nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv > $OUT/gpu.txt
 python scripts/bench_command.py /tmp/after --cases $CASES --steps $STEPS --warm lora ${AFTER_ARGS:-} > $OUT/after.log 2>&1
-[ -n "${BEFORE:-}" ] && python $BEFORE/scripts/bench_command.py /tmp/before --cases $CASES --steps $STEPS \
-    --warm lora > $OUT/before.log 2>&1
+# from inside BEFORE: `python -m ftpipe` finds the ftpipe package of its working directory first
+[ -n "${BEFORE:-}" ] && (cd $BEFORE && python scripts/bench_command.py /tmp/before --cases $CASES --steps $STEPS \
+    --warm lora) > $OUT/before.log 2>&1
 [ -n "${CPP_CASES:-}" ] && TORCHINDUCTOR_CPP_WRAPPER=1 python scripts/bench_command.py /tmp/cpp --cases $CPP_CASES \
     --steps $STEPS > $OUT/cpp.log 2>&1
 [ -n "$GUARD" ] && python scripts/bench.py --sides ftpipe --cases "" --guard $GUARD --json $OUT/guard.json \

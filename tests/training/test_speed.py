@@ -146,6 +146,36 @@ def test_grouped_siblings_keep_the_numbers_in_any_call_order() -> None:
     assert head._ftpipe_pending is None  # every member served: the group's output is let go
 
 
+def test_grouped_siblings_keep_no_more_for_backward(monkeypatch) -> None:
+    """Compiled layers with q/k/v and gate/up grouped save what single projections save: a member's output
+    that a consumer keeps for backward (attention keeps v) must not keep the group's whole output alive."""
+    from ftpipe.training.speed import lora as lora_lever
+
+    # the partitioner inductor runs (min-cut, with the activation budget), without generating kernels
+    monkeypatch.setattr(
+        torch, "compile", functools.partial(torch.compile, backend="aot_eager_decomp_partition")
+    )
+    saved = []
+    for siblings in ((), lora_lever.SIBLINGS):
+        monkeypatch.setattr(lora_lever, "SIBLINGS", siblings)
+        torch._dynamo.reset()
+        speed_cfg = {"attention": "sdpa", "compile": "on", "fused_lora": "on"}
+        model = _tiny_peft({"method": "lora", "precision": "fp32", "speed": speed_cfg})
+        frozen = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+        storages: dict[int, int] = {}
+
+        def keep(t: torch.Tensor, frozen: set = frozen, storages: dict = storages) -> torch.Tensor:
+            if (ptr := t.untyped_storage().data_ptr()) not in frozen:
+                storages[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        ids = torch.randint(0, 256, (1, 256))
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            model(input_ids=ids, labels=ids, position_ids=torch.arange(256)[None])
+        saved.append(sum(storages.values()))
+    assert saved[1] <= saved[0], saved
+
+
 def _fused_qlora_layer(keep_dequant: bool = False):
     """A PEFT LoRA layer over a bitsandbytes nf4 Linear4bit (double quant, CPU backend here), bf16 adapters,
     fused by `fuse_lora` as the train stage does; and the dequantized base weight (fp32) for references."""

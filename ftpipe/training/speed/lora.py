@@ -91,7 +91,10 @@ def _grouped(self: nn.Module, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
     left = tuple(i for i in left if i != self._ftpipe_member)
     head._ftpipe_pending = (x, out, left) if left else None
     start, stop = self._ftpipe_columns
-    return out[..., start:stop]
+    # A tensor of its own, not a view: a consumer that saves it for backward (attention keeps v) would keep the
+    # whole group's output alive (for q/k/v 6x v's memory). Compiled, the copy fuses into the consumer's kernel
+    # (the rotary embedding, the SwiGLU product) or is one small copy (v).
+    return out[..., start:stop].contiguous()
 
 
 def group_siblings(model: nn.Module) -> int:
