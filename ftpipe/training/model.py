@@ -88,6 +88,11 @@ def load_for_training(
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": torch.cuda.current_device() if device == "cuda" else "cpu"}
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=trust_remote_code, **kwargs)
+    if quant is None and device == "cuda" and levers.fused_lora:
+        # The fused ops concatenate sibling base weights into one buffer and make each layer's weight a view of
+        # it (speed/lora.py); a move after that (the Trainer's) would copy buffer and views apart: 1.2 GiB more
+        # for Llama-3.2-1B. So the model is on its GPU before PEFT and the levers (a quantized one already is).
+        model.to(torch.cuda.current_device())
     # A KV cache during training makes packed rows attend across documents; it is useless there anyway.
     model.config.use_cache = False
     if quant is not None:

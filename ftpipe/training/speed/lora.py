@@ -100,7 +100,8 @@ def _grouped(self: nn.Module, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def group_siblings(model: nn.Module) -> int:
     """Group the fused LoRA projections that read the same input (`SIBLINGS`) under one operator call; returns
     how many groups. Their base weights (and biases) are concatenated once, and each base layer's weight
-    becomes a view of its rows: no second copy. A 4-bit weight is quantized in blocks of the row-major weight,
+    becomes a view of its rows: no second copy, as long as the model is not moved afterwards (a move copies
+    views and buffer apart: group where the model trains). A 4-bit weight is quantized in blocks of the row-major weight,
     so the rows of several concatenate as their packed data and block scales do."""
     groups = 0
     for parent in model.modules():
