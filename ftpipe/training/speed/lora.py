@@ -19,11 +19,6 @@ from .nf4_ops import NF4_BUFFERS, attach_nf4, nf4_call
 # operator calls a layer instead of 7 and 46 kernels instead of 70 over forward and backward, and k/v's narrow
 # GEMMs (512 outputs) become part of q's.
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-# Groups whose outputs their consumer keeps for backward all together (SwiGLU's backward needs gate and up): their
-# members return views of the group's output. Other members return a tensor each: attention keeps v alone, and a
-# view of it would keep q/k/v's whole output alive (6x v's memory), while copying gate and up would hold their
-# output twice in the layer's forward (offloaded checkpointing: +0.09 GiB at its peak).
-KEPT_TOGETHER = (("gate_proj", "up_proj"),)
 # the group's base weight (bf16, or packed 4-bit data), its fp32 block scales (4-bit), its bias
 _WEIGHT, _ABSMAX, _BIAS = "_ftpipe_group_weight", "_ftpipe_group_absmax", "_ftpipe_group_bias"
 
@@ -96,9 +91,10 @@ def _grouped(self: nn.Module, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
     left = tuple(i for i in left if i != self._ftpipe_member)
     head._ftpipe_pending = (x, out, left) if left else None
     start, stop = self._ftpipe_columns
-    part = out[..., start:stop]
-    # (compiled, the copy fuses into the consumer's kernel, the rotary embedding, or is one small copy: v)
-    return part if head._ftpipe_kept_together else part.contiguous()
+    # A tensor of its own, not a view: a consumer that saves it for backward (attention keeps v) would keep the
+    # whole group's output alive (for q/k/v 6x v's memory). Compiled, the copy fuses into the consumer's kernel
+    # (the rotary embedding, the SwiGLU product) or is one small copy (v).
+    return out[..., start:stop].contiguous()
 
 
 def group_siblings(model: nn.Module) -> int:
@@ -124,7 +120,7 @@ def group_siblings(model: nn.Module) -> int:
                 for m, b in zip(members, bases, strict=True)
             ):
                 continue
-            _group(members, bases, names in KEPT_TOGETHER)
+            _group(members, bases)
             groups += 1
     return groups
 
@@ -135,9 +131,8 @@ def _concatenated(parts: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.T
     return whole, list(whole.split([p.shape[0] for p in parts]))
 
 
-def _group(members: list[nn.Module], bases: list[nn.Module], kept_together: bool) -> None:
+def _group(members: list[nn.Module], bases: list[nn.Module]) -> None:
     head = members[0]
-    head._ftpipe_kept_together = kept_together
     four_bit = head._ftpipe_nf4 is not None
     with torch.no_grad():
         if four_bit:
