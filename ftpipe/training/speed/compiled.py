@@ -50,8 +50,8 @@ def one_graph_per_grad_mode(run: Callable) -> Callable:
     embeddings' output) needs none, and dynamo guards on the flag: that layer compiled a graph of its own (2
     graphs for a model's layers, 4 under a checkpoint's no-grad forward and recompute), each traced again at
     every warm start. The price of one graph is the first layer's input gradient: the backward of its q/k/v
-    projections' input and its norm, about 1/40 of a layer's backward, and a leaf's gradient freed with the
-    graph. Under no grad (a checkpoint's first forward) the input is only detached: nothing to pay."""
+    projections' input and its norm (about a tenth of one layer's backward GEMMs), and a leaf's gradient freed
+    with the graph. Under no grad (a checkpoint's first forward) the input is only detached: nothing to pay."""
 
     def call(*args: Any, **kwargs: Any) -> Any:
         grad = torch.is_grad_enabled()
