@@ -1,5 +1,5 @@
 """The LoRA levers on PEFT's layers: fused LoRA linears (`fuse_lora`: one autograd node per projection, over a
-bf16 or a 4-bit base; one per group of bf16 projections that read the same input) and the adapter dtype
+bf16 or a 4-bit base; one per group of projections that read the same input) and the adapter dtype
 (`cast_adapters`, `downcast_frozen`)."""
 
 from __future__ import annotations
@@ -101,8 +101,8 @@ def group_siblings(model: nn.Module) -> int:
     """Group the fused LoRA projections that read the same input (`SIBLINGS`) under one operator call; returns
     how many groups. Their base weights (and biases) are concatenated once, and each base layer's weight
     becomes a view of its rows: no second copy, as long as the model is not moved afterwards (a move copies
-    views and buffer apart: group where the model trains). A 4-bit weight is quantized in blocks of the row-major weight,
-    so the rows of several concatenate as their packed data and block scales do."""
+    views and buffer apart: group where the model trains). A 4-bit weight is quantized in blocks of the
+    row-major weight, so the rows of several concatenate as their packed data and block scales do."""
     groups = 0
     for parent in model.modules():
         for names in SIBLINGS:
@@ -168,7 +168,7 @@ def _group(members: list[nn.Module], bases: list[nn.Module]) -> None:
 
 
 def fuse_lora(model: nn.Module, keep_dequant: bool = False) -> int:
-    """Route every PEFT LoRA linear (bf16 or 4-bit base) through one autograd node, siblings over a bf16 base
+    """Route every PEFT LoRA linear (bf16 or 4-bit base) through one autograd node, sibling projections
     through one per group (`group_siblings`); returns how many projections. `keep_dequant` (only where every
     forward with grad is a checkpoint's recompute): a 4-bit weight dequantized in that forward is kept for its
     backward."""
