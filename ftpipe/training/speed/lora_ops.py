@@ -90,9 +90,34 @@ def _lora_fwd_impl(x, w, bias, a, b, scale):
     return out.view(*x.shape[:-1], w.shape[0]), h
 
 
-def _lora_fwd_fake(x, w, bias, a, b, scale):
+def fake_outputs(
+    x: torch.Tensor, out_features: int, a: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward operators' output shapes (out [..., N], h [T, sum r_i]) for their fake kernels."""
     rank = sum(t.shape[0] for t in a)
-    return x.new_empty(*x.shape[:-1], w.shape[0]), x.new_empty(x.numel() // x.shape[-1], rank)
+    return x.new_empty(*x.shape[:-1], out_features), x.new_empty(x.numel() // x.shape[-1], rank)
+
+
+def fake_grads(x: torch.Tensor, a: list[torch.Tensor], b: list[torch.Tensor], need_dx: bool) -> tuple:
+    """The backward operators' output shapes (dx, [dA_i], [dB_i]) for their fake kernels."""
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    return dx, [t.new_empty(t.shape) for t in a], [t.new_empty(t.shape) for t in b]
+
+
+def save_with_adapters(ctx: Any, tensors: tuple, a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    """save_for_backward of `tensors` and the group's A's and B's (`saved_with_adapters` splits them again)."""
+    ctx.save_for_backward(*tensors, *a, *b)
+    ctx.members = len(a)
+
+
+def saved_with_adapters(ctx: Any) -> tuple[tuple, list[torch.Tensor], list[torch.Tensor]]:
+    saved, k = ctx.saved_tensors, ctx.members
+    n = len(saved) - 2 * k
+    return saved[:n], list(saved[n : n + k]), list(saved[n + k :])
+
+
+def _lora_fwd_fake(x, w, bias, a, b, scale):
+    return fake_outputs(x, w.shape[0], a)
 
 
 def _lora_bwd_impl(dy, x, w, h, a, b, scale, need_dx):
@@ -103,11 +128,7 @@ def _lora_bwd_impl(dy, x, w, h, a, b, scale, need_dx):
 
 
 def _lora_bwd_fake(dy, x, w, h, a, b, scale, need_dx):
-    return (
-        x.new_empty(x.shape) if need_dx else x.new_empty(0),
-        [t.new_empty(t.shape) for t in a],
-        [t.new_empty(t.shape) for t in b],
-    )
+    return fake_grads(x, a, b, need_dx)
 
 
 lora_linear_fwd = _op(
@@ -125,15 +146,14 @@ lora_linear_bwd = _op(
 
 def _lora_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     x, w, _bias, a, b, scale = inputs
-    ctx.save_for_backward(x, w, output[1], *a, *b)
-    ctx.scale, ctx.members = scale, len(a)
+    save_with_adapters(ctx, (x, w, output[1]), a, b)
+    ctx.scale = scale
 
 
 def _lora_backward(ctx: Any, dy: torch.Tensor, _dh: Any) -> tuple:
-    x, w, h, *ab = ctx.saved_tensors
-    k = ctx.members
+    (x, w, h), a, b = saved_with_adapters(ctx)
     need_dx = ctx.needs_input_grad[0]
-    dx, da, db = lora_linear_bwd(dy, x, w, h, ab[:k], ab[k:], ctx.scale, need_dx)
+    dx, da, db = lora_linear_bwd(dy, x, w, h, a, b, ctx.scale, need_dx)
     return (dx if need_dx else None), None, None, da, db, None
 
 

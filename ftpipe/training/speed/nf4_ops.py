@@ -9,7 +9,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .lora_ops import _LIB, _lora_fwd_impl, _lora_grads, _op, lora_linear_bwd
+from .lora_ops import (
+    _LIB,
+    _lora_fwd_impl,
+    _lora_grads,
+    _op,
+    fake_grads,
+    fake_outputs,
+    lora_linear_bwd,
+    save_with_adapters,
+    saved_with_adapters,
+)
 
 
 def nf4_absmax(
@@ -41,8 +51,7 @@ def _nf4_fwd_impl(x, data, absmax, bias, a, b, scale, blocksize, quant_type, sha
 
 
 def _nf4_fwd_fake(x, data, absmax, bias, a, b, scale, blocksize, quant_type, shape, dtype):
-    rank = sum(t.shape[0] for t in a)
-    return x.new_empty(*x.shape[:-1], shape[0]), x.new_empty(x.numel() // x.shape[-1], rank)
+    return fake_outputs(x, shape[0], a)
 
 
 def _nf4_keep_impl(x, data, absmax, bias, a, b, scale, blocksize, quant_type, shape, dtype):
@@ -68,11 +77,7 @@ def _nf4_bwd_impl(dy, x, data, absmax, h, a, b, scale, blocksize, quant_type, sh
 
 
 def _nf4_bwd_fake(dy, x, data, absmax, h, a, b, scale, blocksize, quant_type, shape, dtype, need_dx):
-    return (
-        x.new_empty(x.shape) if need_dx else x.new_empty(0),
-        [t.new_empty(t.shape) for t in a],
-        [t.new_empty(t.shape) for t in b],
-    )
+    return fake_grads(x, a, b, need_dx)
 
 
 _NF4_ARGS = "Tensor x, Tensor data, Tensor absmax, Tensor? bias, Tensor[] a, Tensor[] b, float[] scale, int blocksize, "
@@ -92,27 +97,27 @@ lora_nf4_bwd = _op(
 
 def _nf4_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     x, data, absmax, _bias, a, b, scale, *meta = inputs
-    ctx.save_for_backward(x, data, absmax, output[1], *a, *b)
-    ctx.scale, ctx.meta, ctx.members = scale, meta, len(a)
+    save_with_adapters(ctx, (x, data, absmax, output[1]), a, b)
+    ctx.scale, ctx.meta = scale, meta
 
 
 def _nf4_backward(ctx: Any, dy: torch.Tensor, _dh: Any) -> tuple:
-    x, data, absmax, h, *ab = ctx.saved_tensors
-    k, need_dx = ctx.members, ctx.needs_input_grad[0]
-    dx, da, db = lora_nf4_bwd(dy, x, data, absmax, h, ab[:k], ab[k:], ctx.scale, *ctx.meta, need_dx)
+    (x, data, absmax, h), a, b = saved_with_adapters(ctx)
+    need_dx = ctx.needs_input_grad[0]
+    dx, da, db = lora_nf4_bwd(dy, x, data, absmax, h, a, b, ctx.scale, *ctx.meta, need_dx)
     return (dx if need_dx else None), None, None, None, da, db, None, None, None, None, None
 
 
 def _nf4_keep_setup(ctx: Any, inputs: tuple, output: tuple) -> None:
     x, _data, _absmax, _bias, a, b, scale = inputs[:7]
-    ctx.save_for_backward(x, output[2], output[1], *a, *b)
-    ctx.scale, ctx.members = scale, len(a)
+    save_with_adapters(ctx, (x, output[2], output[1]), a, b)
+    ctx.scale = scale
 
 
 def _nf4_keep_backward(ctx: Any, dy: torch.Tensor, _dh: Any, _dw: Any) -> tuple:
-    x, w, h, *ab = ctx.saved_tensors
-    k, need_dx = ctx.members, ctx.needs_input_grad[0]
-    dx, da, db = lora_linear_bwd(dy, x, w, h, ab[:k], ab[k:], ctx.scale, need_dx)
+    (x, w, h), a, b = saved_with_adapters(ctx)
+    need_dx = ctx.needs_input_grad[0]
+    dx, da, db = lora_linear_bwd(dy, x, w, h, a, b, ctx.scale, need_dx)
     return (dx if need_dx else None), None, None, None, da, db, None, None, None, None, None
 
 
