@@ -223,13 +223,16 @@ def test_lora_4bit_layer_matches_dequantized_reference() -> None:
         assert ((gg.float() - ww).norm() / ww.norm()) < 2e-2
 
 
-def test_grouped_4bit_siblings_match_their_own_projections() -> None:
+def test_grouped_4bit_siblings_match_their_own_projections(monkeypatch) -> None:
     """q/k/v over nf4 weights grouped: one dequantization of the concatenated packed data and block scales
     gives each projection the numbers (and gradients) it gives alone, and no 4-bit data is copied."""
     bnb = pytest.importorskip("bitsandbytes")
     from peft import LoraConfig, inject_adapter_in_model
 
+    from ftpipe.training.speed import lora as lora_lever
+
     def attention(group: bool) -> torch.nn.Module:
+        monkeypatch.setattr(lora_lever, "SIBLINGS", siblings if group else ())
         torch.manual_seed(0)
         parent = torch.nn.Module()
         for name, rows in (("q_proj", 64), ("k_proj", 32), ("v_proj", 32)):
@@ -248,18 +251,10 @@ def test_grouped_4bit_siblings_match_their_own_projections() -> None:
         )
         parent = inject_adapter_in_model(lora, parent)
         cast_adapters(parent, torch.bfloat16)
-        if group:
-            assert fuse_lora(parent) == 3
-        else:
-            from ftpipe.training.speed import lora as lora_lever
-
-            lora_lever.SIBLINGS, saved = (), lora_lever.SIBLINGS
-            try:
-                assert fuse_lora(parent) == 3
-            finally:
-                lora_lever.SIBLINGS = saved
+        assert fuse_lora(parent) == 3
         return parent
 
+    siblings = lora_lever.SIBLINGS
     grouped, alone = attention(True), attention(False)
     assert "_ftpipe_members" in grouped.q_proj.__dict__ and "_ftpipe_members" not in alone.q_proj.__dict__
     packed = grouped.q_proj._ftpipe_group_weight
