@@ -3,8 +3,12 @@
 in TFLOP/s (causal FLOPs: 2 * L^2 * heads * head_dim forward, 2.5x that for the backward).
 
     python scripts/bench_attention.py [--lengths 32768,131072] [--shapes 32x8x64,32x8x128] [--json OUT]
+    python scripts/bench_attention.py --packed 4x2048 [--shapes 32x8x64,28x4x128] [--json OUT]
 
-Shapes are query heads x KV heads x head dim (Llama-3.2-1B: 32x8x64; Llama-3.1-8B: 32x8x128).
+Shapes are query heads x KV heads x head dim (Llama-3.2-1B: 32x8x64; Llama-3.1-8B: 32x8x128; Qwen2.5-7B:
+28x4x128). `--packed ROWSxLEN`: packed rows of documents of 700-7,000 tokens (bench_command.py's corpus) cut at
+row ends, as varlen FlashAttention-2 (what ftpipe runs) against cuDNN's ragged (THD) attention over the same
+boundaries, with cuDNN's output and gradients checked against FA2's.
 """
 
 from __future__ import annotations
@@ -101,13 +105,105 @@ def check(length: int = 32768) -> dict:
     }
 
 
+def packed_boundaries(rows: int, row_len: int, seed: int = 0) -> list[int]:
+    """cu_seqlens of `rows` packed rows: documents of 700-7,000 tokens laid end to end, cut at each row's end."""
+    import random
+
+    rng = random.Random(seed)
+    cu, left = [0], 0
+    for row in range(rows):
+        pos, end = row * row_len, (row + 1) * row_len
+        while pos < end:
+            if left == 0:
+                left = rng.randint(700, 7000)
+            take = min(left, end - pos)
+            pos, left = pos + take, left - take
+            cu.append(pos)
+    return cu
+
+
+def packed(rows: int, row_len: int, shape: str) -> list[dict]:
+    """varlen FA2 (K/V repeated, as ftpipe on torch 2.11) against cuDNN ragged attention (GQA native and repeated)
+    on the same packed boundaries: forward + backward time, and cuDNN's error against FA2."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    heads, kv, dim = (int(x) for x in shape.split("x"))
+    cu_list = packed_boundaries(rows, row_len)
+    total = cu_list[-1]
+    cu = torch.tensor(cu_list, dtype=torch.int32, device="cuda")
+    docs = [b - a for a, b in zip(cu_list, cu_list[1:], strict=False)]
+    max_len = max(docs)
+    torch.manual_seed(0)
+    q = torch.randn(total, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(total, kv, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(total, kv, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    scale = dim**-0.5
+    rep = heads // kv
+
+    def fa2() -> torch.Tensor:
+        kr, vr = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        return varlen_attn(q, kr, vr, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0))
+
+    def cudnn(repeat: bool) -> Callable[[], torch.Tensor]:
+        def call() -> torch.Tensor:
+            kk, vv = (k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)) if repeat else (k, v)
+            r = torch.ops.aten._cudnn_attention_forward(
+                q, kk, vv, None, cu, cu, max_len, max_len, True, 0.0, True, False, scale=scale
+            )
+            return r[0]
+
+        return call
+
+    flops = sum(2 * n * n * heads * dim for n in docs)  # causal forward, per document
+    results, ref = [], None
+    grad_out = torch.randn(total, heads, dim, device="cuda", dtype=torch.bfloat16)
+    for name, fn in (
+        ("varlen_fa2", fa2),
+        ("cudnn_ragged_gqa", cudnn(False)),
+        ("cudnn_ragged_repeat", cudnn(True)),
+    ):
+        row: dict = {"shape": shape, "rows": rows, "row_len": row_len, "documents": len(docs), "kernel": name}
+        try:
+            fwd = timed(lambda fn=fn: fn().detach(), backward=False, repeats=20)
+            both = timed(fn, backward=True, repeats=20)
+            row.update(
+                fwd_ms=round(fwd * 1e3, 3),
+                fwd_bwd_ms=round(both * 1e3, 3),
+                fwd_tflops=round(flops / fwd / 1e12, 1),
+                fwd_bwd_tflops=round(3.5 * flops / both / 1e12, 1),
+            )
+            q.grad = k.grad = v.grad = None
+            out = fn()
+            out.backward(grad_out)
+            got = [out.detach().float(), *(t.grad.float().clone() for t in (q, k, v))]
+            if ref is None:
+                ref = got
+            else:
+                rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+                row["rel_err_vs_fa2"] = [round(rel(a, b), 5) for a, b in zip(got, ref, strict=True)]
+        except Exception as exc:  # a kernel this build or shape does not support
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        q.grad = k.grad = v.grad = None
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    return results
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", default="32768,131072")
     p.add_argument("--shapes", default="32x8x64,32x8x128")
+    p.add_argument("--packed", default=None, help="ROWSxLEN: packed rows instead of one long document")
     p.add_argument("--json")
     ns = p.parse_args()
     results = []
+    if ns.packed:
+        rows, row_len = (int(x) for x in ns.packed.split("x"))
+        for shape in ns.shapes.split(","):
+            results += packed(rows, row_len, shape)
+        if ns.json:
+            Path(ns.json).write_text(json.dumps(results, indent=1))
+        return 0
     for shape in ns.shapes.split(","):
         heads, kv, dim = (int(x) for x in shape.split("x"))
         for length in (int(x) for x in ns.lengths.split(",")):
