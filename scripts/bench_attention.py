@@ -74,6 +74,10 @@ def kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, Call
     return out
 
 
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
 def check(length: int = 32768) -> dict:
     """ftpipe's one-long-document path (cuDNN) against varlen FlashAttention-2: output and input gradients."""
     from ftpipe.training.speed.attention import _one_long_document
@@ -97,11 +101,10 @@ def check(length: int = 32768) -> dict:
         outs.append(out.float())
         grads.append([t.grad.float().clone() for t in (q, k, v)])
         q.grad = k.grad = v.grad = None
-    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
     return {
         "check": f"cudnn vs varlen FA2, {length} tokens, 32x8x64",
-        "out_rel": rel(outs[0], outs[1]),
-        "grad_rel": [rel(a, b) for a, b in zip(grads[0], grads[1], strict=True)],
+        "out_rel": relative_error(outs[0], outs[1]),
+        "grad_rel": [relative_error(a, b) for a, b in zip(grads[0], grads[1], strict=True)],
     }
 
 
@@ -179,8 +182,9 @@ def packed(rows: int, row_len: int, shape: str) -> list[dict]:
             if ref is None:
                 ref = got
             else:
-                rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
-                row["rel_err_vs_fa2"] = [round(rel(a, b), 5) for a, b in zip(got, ref, strict=True)]
+                row["rel_err_vs_fa2"] = [
+                    round(relative_error(a, b), 5) for a, b in zip(got, ref, strict=True)
+                ]
         except Exception as exc:  # a kernel this build or shape does not support
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
         q.grad = k.grad = v.grad = None
