@@ -12,7 +12,8 @@ stage's entry: `train_tokens_per_second_steady` (median of the logged rates afte
 `train_first_step_seconds` (train stage start to the first optimizer step), peak memory.
 - `--warm CASE`: the same command again with another learning rate, so the train stage misses its cache
   while the compiled artefacts (under the cache's shared/build) are found: the warm start. `--warm-cprofile`
-  runs it under cProfile (OUT/CASE_warm_cprofile.txt: where the seconds before the first step go).
+  runs it under cProfile (OUT/CASE_warm_cprofile.txt: where the seconds before the first step go; the
+  whole profile in OUT/CASE_warm_cprofile.txt.prof).
 - `--harness CASE,...`: `scripts/bench.py --sides ftpipe,hf --rows-from <the case's packed rows>`, so the
   harness and HF Trainer + PEFT train on exactly the command's rows, in the same call.
 - `CASE@KEY=VALUE@...`: that case with overrides of its own (an A/B in the same call), in a cache of its own.
@@ -103,7 +104,8 @@ def run_ftpipe(
     args: list[str], env: dict[str, str], log: Path, cprofile: Path | None = None
 ) -> tuple[int, float]:
     """(exit code, wall seconds) of one `python -m ftpipe` run, its output appended to `log`; with `cprofile`
-    the run is under cProfile and its 60 costliest calls (cumulative) are written there."""
+    the run is under cProfile and its 60 costliest calls (cumulative) are written there, the whole profile
+    beside it (`cprofile`.prof, for `python -m pstats`)."""
     began = time.time()
     python_args = ("-m", "cProfile", "-o", f"{cprofile}.prof") if cprofile else ()
     rc = ftpipe(args, env, log, python_args=python_args).returncode
@@ -114,7 +116,6 @@ def run_ftpipe(
         text = io.StringIO()
         pstats.Stats(f"{cprofile}.prof", stream=text).sort_stats("cumulative").print_stats(60)
         cprofile.write_text(text.getvalue())
-        Path(f"{cprofile}.prof").unlink()
     return rc, round(time.time() - began, 1)
 
 
