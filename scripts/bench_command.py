@@ -100,12 +100,37 @@ def overrides(case: str, model: str, data: Path, steps: int, cache: Path) -> lis
     ]
 
 
+def stray_compile_workers() -> int:
+    """How many of inductor's compile workers are running (`torch._inductor.compile_worker`)."""
+    count = 0
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            count += b"compile_worker" in cmdline.read_bytes()
+        except OSError:  # the process ended meanwhile
+            pass
+    return count
+
+
+def wait_for_quiet_host(limit: float = 30.0) -> float:
+    """Seconds waited until the compile workers an earlier run started have exited: they outlive their run by
+    seconds (each still importing torch) and would compete with the next run's own imports, as they do not
+    when a user starts the next run."""
+    began = time.time()
+    while stray_compile_workers() and time.time() - began < limit:
+        time.sleep(0.5)
+    return round(time.time() - began, 1)
+
+
 def run_ftpipe(
     args: list[str], env: dict[str, str], log: Path, cprofile: Path | None = None
 ) -> tuple[int, float]:
-    """(exit code, wall seconds) of one `python -m ftpipe` run, its output appended to `log`; with `cprofile`
-    the run is under cProfile and its 60 costliest calls (cumulative) are written there, the whole profile
-    beside it (`cprofile`.prof, for `python -m pstats`)."""
+    """(exit code, wall seconds) of one `python -m ftpipe` run, its output appended to `log`, started once the
+    host is quiet (`wait_for_quiet_host`); with `cprofile` the run is under cProfile and its 60 costliest calls
+    (cumulative) are written there, the whole profile beside it (`cprofile`.prof, for `python -m pstats`)."""
+    waited = wait_for_quiet_host()
+    if waited:
+        with open(log, "a") as fh:
+            fh.write(f"[bench_command] waited {waited} s for an earlier run's compile workers to exit\n")
     began = time.time()
     python_args = ("-m", "cProfile", "-o", f"{cprofile}.prof") if cprofile else ()
     rc = ftpipe(args, env, log, python_args=python_args).returncode

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from .distributed import deepspeed_config, zero_stage
 log = logging.getLogger("ftpipe")
 
 REQUIRED_COLUMNS = ("input_ids", "labels", "position_ids")
+_IMPORTS_FROZEN = False  # fit() froze the objects its imports left (gc.freeze), once a process
 
 
 @dataclass
@@ -169,6 +171,14 @@ def fit(job: TrainJob) -> dict[str, Any] | None:
     from .speed.frozen_prefix import ROW_INDEX, FrozenPrefix
     from .trainer import FtTrainer, last_checkpoint
 
+    # The imports above leave half a million long-lived objects (modules, functions, classes) that every full
+    # garbage collection would walk again: during compilation, which allocates heavily, and in the Trainer's
+    # own gc.collect() before training. Frozen, collections look at what the run creates from here on. Once a
+    # process: a later run in the same process (tests, sweeps) would also freeze its predecessors' garbage.
+    global _IMPORTS_FROZEN
+    if not _IMPORTS_FROZEN:
+        gc.freeze()
+        _IMPORTS_FROZEN = True
     cfg, train_cfg = job.cfg, job.cfg["train"]
     if job.build_dir is not None:
         for name, value in build_env(job.build_dir).items():
@@ -189,6 +199,19 @@ def fit(job: TrainJob) -> dict[str, Any] | None:
     rows, _ = speed.micro_batches(train_cfg, row_len)
     # the speed policy, once per run
     levers = speed.resolve(train_cfg, device, zero_stage(cfg["launcher"]), micro_batch_tokens=rows * row_len)
+    mark = None
+    if levers.compile and job.build_dir is not None:
+        config_json = job.model_dir / "config.json"
+        graphs = {
+            "model": config_json.read_text() if config_json.is_file() else str(job.model_dir),
+            "method": train_cfg["method"],
+            "lora": train_cfg.get("lora"),
+            "micro_batch": [rows, row_len],
+            "precision": prec,
+        }
+        mark = speed.compiled.compiled_mark(job.build_dir, levers, graphs)
+        if speed.compiled.load_compiled_in_process(mark):
+            log.info("[train] these graphs were compiled before: loading them from the cache in this process")
     loading = time.perf_counter()
     model = load_for_training(job.model_dir, train_cfg, levers, bool(cfg["model"]["trust_remote_code"]))
     log.info(
@@ -254,6 +277,9 @@ def fit(job: TrainJob) -> dict[str, Any] | None:
         if prefix is not None:
             prefix.restore()
     seconds = time.time() - loop_start
+    if mark is not None and is_main_process():
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.touch()
 
     trainer.save_model(str(job.out / "final"))  # collective under DeepSpeed; writes on the main process
     if not main:

@@ -30,9 +30,11 @@ class Throughput(TrainerCallback):
         self.mark: tuple[float, int] | None = None
         self.start: tuple[float, int] | None = None
         self.first_step_seconds: float | None = None
+        self.loop_began: float | None = None  # seconds from `started` to the training loop (model, optimizer)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = self.mark = (time.perf_counter(), state.num_input_tokens_seen)
+        self.loop_began = self.start[0] - self.started
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.first_step_seconds is None:
@@ -41,9 +43,11 @@ class Throughput(TrainerCallback):
             self.first_step_seconds = round(time.perf_counter() - self.started, 2)
             if state.is_world_process_zero:
                 log.info(
-                    "[train] first optimizer step (step %d) %.1f s after the train stage started%s",
+                    "[train] first optimizer step (step %d) %.1f s after the train stage started, %.1f s after"
+                    " the training loop began%s",
                     state.global_step,
                     self.first_step_seconds,
+                    self.first_step_seconds - self.loop_began,
                     compile_cache_note(),
                 )
 
@@ -79,8 +83,34 @@ def compile_cache_note() -> str:
     return (
         f" ({graphs} graphs; compile cache: inductor {inductor.get('fxgraph_cache_hit', 0)} hits /"
         f" {inductor.get('fxgraph_cache_miss', 0)} misses, autograd {aot.get('autograd_cache_hit', 0)} /"
-        f" {aot.get('autograd_cache_miss', 0)})"
+        f" {aot.get('autograd_cache_miss', 0)}{compile_seconds_note()})"
     )
+
+
+# torch's own timers of a compilation (`torch._dynamo.utils.compilation_time_metrics`), as the log names them
+COMPILE_PHASES = (
+    ("_compile.compile_inner", "compiling"),
+    ("bytecode_tracing", "tracing"),
+    ("inductor_codecache_torch_key", "hashing torch"),
+    ("AOTAutogradCache.inductor_load", "loading from the cache"),
+    ("async_compile.wait", "waiting for kernels"),
+    ("backward._backward_impl", "compiling backward"),
+)
+
+
+def compile_seconds_note() -> str:
+    """Where the compilation's seconds went, e.g. "; compiling 2.1 s: tracing 1.0 s, loading from the cache
+    0.6 s"; empty without torch's timers (older releases)."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:
+        return ""
+    seconds = {label: sum(compilation_time_metrics.get(key, ())) for key, label in COMPILE_PHASES}
+    (total_label, total), *parts = seconds.items()
+    if not total:
+        return ""
+    detail = ", ".join(f"{label} {value:.1f} s" for label, value in parts if value >= 0.05)
+    return f"; {total_label} {total:.1f} s" + (f": {detail}" if detail else "")
 
 
 class FtTrainer(Trainer):

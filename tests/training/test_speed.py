@@ -561,6 +561,32 @@ def test_compiled_layers_are_generic_in_the_length_from_the_first_call() -> None
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def test_a_warm_start_loads_its_compiled_graphs_without_the_worker_pool(tmp_path, monkeypatch) -> None:
+    """compiled_mark: one mark per set of graphs (another micro-batch shape or lever is another mark); where
+    it exists, inductor's compile-worker pool is off for the run, unless the user set the thread count."""
+    import torch._inductor.config as inductor_config
+
+    from ftpipe.training.speed import compiled
+
+    levers = speed.resolve({"method": "lora", "speed": {"compile": "on"}}, "cpu")
+    parts = {"model": "{}", "micro_batch": [4, 2048]}
+    mark = compiled.compiled_mark(tmp_path, levers, parts)
+    assert mark == compiled.compiled_mark(tmp_path, levers, dict(parts))
+    assert mark != compiled.compiled_mark(tmp_path, levers, {**parts, "micro_batch": [4, 1024]})
+    other = speed.resolve({"method": "lora", "speed": {"compile": "on", "checkpointing": "full"}}, "cpu")
+    assert mark != compiled.compiled_mark(tmp_path, other, parts)
+
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    monkeypatch.setattr(inductor_config, "compile_threads", 8)
+    assert not compiled.load_compiled_in_process(mark) and inductor_config.compile_threads == 8  # cold
+    mark.parent.mkdir(parents=True)
+    mark.touch()
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "4")
+    assert not compiled.load_compiled_in_process(mark) and inductor_config.compile_threads == 8  # user's
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS")
+    assert compiled.load_compiled_in_process(mark) and inductor_config.compile_threads == 1
+
+
 def test_a_row_that_is_one_long_document_takes_the_single_document_kernel(monkeypatch) -> None:
     """One document spanning the row (cu_seq_lens of two entries, a shape: no host sync) and at least
     LONG_DOCUMENT tokens: the cuDNN path; a row of several documents never (their attention must not mix)."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -37,15 +36,22 @@ VARLEN = "ftpipe_varlen"
 FLEX = "ftpipe_flex"
 
 
-@lru_cache(maxsize=1)
+_VARLEN: tuple[Callable[..., Any], dict[str, Any], bool] | None = None
+
+
 def _varlen_fn() -> tuple[Callable[..., Any], dict[str, Any], bool]:
     """varlen_attn and the keyword that makes it causal, which changed between torch releases: 2.11 has only
-    `window_size` (flash-attn's convention: (-1, 0) is causal), later releases add `is_causal` and `enable_gqa`."""
-    from torch.nn.attention.varlen import varlen_attn
+    `window_size` (flash-attn's convention: (-1, 0) is causal), later releases add `is_causal` and `enable_gqa`.
+    Found once, outside the compiled layers (`install_packed_attention`): dynamo ignores an lru_cache and would
+    trace `inspect.signature` at every compilation, a warm start's too."""
+    global _VARLEN
+    if _VARLEN is None:
+        from torch.nn.attention.varlen import varlen_attn
 
-    params = inspect.signature(varlen_attn).parameters
-    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
-    return varlen_attn, causal, "enable_gqa" in params
+        params = inspect.signature(varlen_attn).parameters
+        causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+        _VARLEN = (varlen_attn, causal, "enable_gqa" in params)
+    return _VARLEN
 
 
 def varlen_attention_forward(
@@ -384,6 +390,8 @@ def install_packed_attention(model: nn.Module, levers: Levers) -> None:
     if levers.attention not in ("varlen", "flex"):
         return
     register()
+    if levers.attention == "varlen":
+        _varlen_fn()
     name = attn_implementation(levers)
     try:
         model.set_attn_implementation(name)

@@ -3,8 +3,14 @@ layers themselves are wrapped by `checkpointing.wrap_layers`) and the host-side 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import hashlib
+import json
+import os
 from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,6 +43,36 @@ def configure(levers: Levers, layers: int) -> None:
     # Read when the layers compile (at the first step): below 1.0 the partitioner recomputes the cheapest
     # activations (elementwise ops first) in backward instead of keeping them.
     functorch_config.activation_memory_budget = levers.activation_budget or 1.0
+
+
+# Under the build dir (fit.build_env): an empty file per set of graphs a finished run compiled into its cache
+COMPILED_MARKS = "compiled"
+
+
+def compiled_mark(build_dir: Path, levers: Levers, parts: dict[str, Any]) -> Path:
+    """Where a run whose graphs are determined by `levers` and `parts` (the model's config.json, the adapter
+    settings, the micro-batch shape) marks them as compiled; torch's and triton's versions are part of it."""
+    try:
+        triton = metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        triton = None
+    key = {"torch": torch.__version__, "triton": triton, **dataclasses.asdict(levers), **parts}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return build_dir / COMPILED_MARKS / digest
+
+
+def load_compiled_in_process(mark: Path) -> bool:
+    """On a warm start (`mark` exists: these graphs were compiled into this cache before) every kernel comes
+    from the cache, and inductor's pool of compile workers (a process per core, each importing torch, started
+    at the first compilation) would only compete with the run for the host: without it the first step of a
+    warm Llama-3.2-1B LoRA run came 0.6-1.0 s sooner on an H200 machine. A cold start keeps the pool, which
+    compiles the kernels in parallel. True when set; the user's own TORCHINDUCTOR_COMPILE_THREADS wins."""
+    if not mark.exists() or "TORCHINDUCTOR_COMPILE_THREADS" in os.environ:
+        return False
+    import torch._inductor.config as inductor_config
+
+    inductor_config.compile_threads = 1
+    return True
 
 
 def compiled_layer(layer_forward: Callable) -> Callable:
