@@ -201,15 +201,9 @@ def fit(job: TrainJob) -> dict[str, Any] | None:
     levers = speed.resolve(train_cfg, device, zero_stage(cfg["launcher"]), micro_batch_tokens=rows * row_len)
     mark = None
     if levers.compile and job.build_dir is not None:
-        config_json = job.model_dir / "config.json"
-        graphs = {
-            "model": config_json.read_text() if config_json.is_file() else str(job.model_dir),
-            "method": train_cfg["method"],
-            "lora": train_cfg.get("lora"),
-            "micro_batch": [rows, row_len],
-            "precision": prec,
-        }
-        mark = speed.compiled.compiled_mark(job.build_dir, levers, graphs)
+        mark = speed.compiled.compiled_mark(
+            job.build_dir, levers, job.model_dir, train_cfg, (rows, row_len), prec
+        )
         if speed.compiled.load_compiled_in_process(mark):
             log.info("[train] these graphs were compiled before: loading them from the cache in this process")
     loading = time.perf_counter()

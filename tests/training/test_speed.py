@@ -568,13 +568,29 @@ def test_a_warm_start_loads_its_compiled_graphs_without_the_worker_pool(tmp_path
 
     from ftpipe.training.speed import compiled
 
-    levers = speed.resolve({"method": "lora", "speed": {"compile": "on"}}, "cpu")
-    parts = {"model": "{}", "micro_batch": [4, 2048]}
-    mark = compiled.compiled_mark(tmp_path, levers, parts)
-    assert mark == compiled.compiled_mark(tmp_path, levers, dict(parts))
-    assert mark != compiled.compiled_mark(tmp_path, levers, {**parts, "micro_batch": [4, 1024]})
-    other = speed.resolve({"method": "lora", "speed": {"compile": "on", "checkpointing": "full"}}, "cpu")
-    assert mark != compiled.compiled_mark(tmp_path, other, parts)
+    train_cfg = {"method": "lora", "lora": {"r": 64}, "speed": {"compile": "on"}}
+    levers = speed.resolve(train_cfg, "cpu")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"hidden_size": 64}')
+
+    def mark_of(**change):
+        args = {
+            "levers": levers,
+            "train_cfg": train_cfg,
+            "micro_batch": (4, 2048),
+            "precision": "bf16",
+            **change,
+        }
+        return compiled.compiled_mark(tmp_path / "build", model_dir=model, **args)
+
+    mark = mark_of()
+    assert mark == mark_of() and mark.parent == tmp_path / "build" / compiled.COMPILED_MARKS
+    assert mark != mark_of(micro_batch=(4, 1024))
+    assert mark != mark_of(train_cfg={**train_cfg, "lora": {"r": 16}})
+    assert mark != mark_of(levers=speed.resolve({**train_cfg, "speed": {"checkpointing": "full"}}, "cpu"))
+    (model / "config.json").write_text('{"hidden_size": 128}')
+    assert mark != mark_of()
 
     monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
     monkeypatch.setattr(inductor_config, "compile_threads", 8)

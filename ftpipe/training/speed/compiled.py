@@ -45,18 +45,39 @@ def configure(levers: Levers, layers: int) -> None:
     functorch_config.activation_memory_budget = levers.activation_budget or 1.0
 
 
-# Under the build dir (fit.build_env): an empty file per set of graphs a finished run compiled into its cache
+# Under the build dir (fit.build_env): an empty file per set of graphs a finished run compiled into its cache;
+# removing the build dir removes both.
 COMPILED_MARKS = "compiled"
 
 
-def compiled_mark(build_dir: Path, levers: Levers, parts: dict[str, Any]) -> Path:
-    """Where a run whose graphs are determined by `levers` and `parts` (the model's config.json, the adapter
-    settings, the micro-batch shape) marks them as compiled; torch's and triton's versions are part of it."""
+def compiled_mark(
+    build_dir: Path,
+    levers: Levers,
+    model_dir: Path,
+    train_cfg: dict[str, Any],
+    micro_batch: tuple[int, int],
+    precision: str,
+) -> Path:
+    """Where a run marks its graphs as compiled into the build dir's cache: one file per set of what decides
+    them (the levers, the model's config, the method and adapter settings, the micro-batch's rows x tokens,
+    the precision, ftpipe's, torch's and triton's versions). A factor left out would only make a cold start
+    compile in one process; one too many, a warm start keep the pool."""
+    from ... import __version__
+
     try:
         triton = metadata.version("triton")
     except metadata.PackageNotFoundError:
         triton = None
-    key = {"torch": torch.__version__, "triton": triton, **dataclasses.asdict(levers), **parts}
+    config_json = model_dir / "config.json"
+    key = {
+        "versions": [__version__, torch.__version__, triton],
+        "levers": dataclasses.asdict(levers),
+        "model": config_json.read_text() if config_json.is_file() else str(model_dir),
+        "method": train_cfg["method"],
+        "lora": train_cfg.get("lora"),
+        "micro_batch": list(micro_batch),
+        "precision": precision,
+    }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return build_dir / COMPILED_MARKS / digest
 
