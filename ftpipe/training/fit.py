@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
@@ -17,7 +16,6 @@ from .distributed import deepspeed_config, zero_stage
 log = logging.getLogger("ftpipe")
 
 REQUIRED_COLUMNS = ("input_ids", "labels", "position_ids")
-_IMPORTS_FROZEN = False  # fit() froze the objects its imports left (gc.freeze), once a process
 
 
 @dataclass
@@ -171,14 +169,6 @@ def fit(job: TrainJob) -> dict[str, Any] | None:
     from .speed.frozen_prefix import ROW_INDEX, FrozenPrefix
     from .trainer import FtTrainer, last_checkpoint
 
-    # The imports above leave half a million long-lived objects (modules, functions, classes) that every full
-    # garbage collection would walk again: during compilation, which allocates heavily, and in the Trainer's
-    # own gc.collect() before training. Frozen, collections look at what the run creates from here on. Once a
-    # process: a later run in the same process (tests, sweeps) would also freeze its predecessors' garbage.
-    global _IMPORTS_FROZEN
-    if not _IMPORTS_FROZEN:
-        gc.freeze()
-        _IMPORTS_FROZEN = True
     cfg, train_cfg = job.cfg, job.cfg["train"]
     if job.build_dir is not None:
         for name, value in build_env(job.build_dir).items():
@@ -271,7 +261,7 @@ def fit(job: TrainJob) -> dict[str, Any] | None:
         if prefix is not None:
             prefix.restore()
     seconds = time.time() - loop_start
-    if mark is not None and is_main_process():
+    if mark is not None and main:
         mark.parent.mkdir(parents=True, exist_ok=True)
         mark.touch()
 
