@@ -134,6 +134,12 @@ class ProfileConfig:
 
     steps: int = 0  # 0 = off
     start: int = 10  # after compilation and the first logs: steady steps
+    # record the host's torch ops too; off: GPU kernels and CUDA runtime calls only, so the profiler's own host
+    # cost barely moves a host-bound step and its idle gaps are the ones an unprofiled run has
+    host_ops: bool = True
+    # CUDA: record the allocator over those steps and write profile/memory_peak.json, what was alive at the
+    # window's peak (sizes and the Python frames that allocated them)
+    memory: bool = False
 
 
 @dataclass

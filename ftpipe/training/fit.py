@@ -212,7 +212,15 @@ def fit(job: TrainJob) -> dict[str, Any] | None:
     if (profiled := train_cfg.get("profile") or {}).get("steps"):
         from .profiling import ProfileSteps
 
-        callbacks.append(ProfileSteps(profiled["start"], profiled["steps"], job.out))
+        callbacks.append(
+            ProfileSteps(
+                profiled["start"],
+                profiled["steps"],
+                job.out,
+                host_ops=profiled.get("host_ops", True),
+                memory=profiled.get("memory", False),
+            )
+        )
     collator = PackedCollator(**speed.collator_kwargs(levers))
     prefix = None
     if levers.frozen_prefix:

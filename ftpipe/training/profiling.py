@@ -140,12 +140,60 @@ def summarize_profile(prof: Any, wall_s: float, steps: int = 1) -> dict[str, Any
         return {"error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
+def _frames(frames: list[dict[str, Any]], depth: int = 4) -> str:
+    """The innermost Python frames of an allocation outside torch's own modules (where a model or ftpipe
+    asked for the memory), as `file:line fn` joined by ' < '."""
+    own = [
+        f"{f['filename'].rsplit('/', 2)[-1]}:{f['line']} {f['name']}"
+        for f in frames
+        if f.get("filename", "").endswith(".py") and "/torch/" not in f["filename"]
+    ]
+    return " < ".join(own[:depth]) or "(no Python frame)"
+
+
+def memory_peak(snapshot: dict[str, Any], baseline_bytes: int = 0, top: int = 25) -> dict[str, Any]:
+    """From a CUDA allocator history (`torch.cuda.memory._snapshot()` after `_record_memory_history`): the
+    recorded window's peak of allocated bytes (`baseline_bytes`: allocated when recording began, whose
+    allocations the history does not hold) and what was alive then, summed by the frames that allocated it."""
+    live: dict[int, tuple[int, str]] = {}
+    now = peak = 0
+    at_peak: dict[int, tuple[int, str]] = {}
+    for trace in snapshot.get("device_traces", []):
+        for e in trace:
+            action, addr, size = e.get("action"), e.get("addr"), e.get("size", 0)
+            if action == "alloc":
+                live[addr] = (size, _frames(e.get("frames", [])))
+                now += size
+                if now > peak:
+                    peak, at_peak = now, dict(live)
+            elif action == "free_completed":  # a block from before the window counts against the baseline
+                now -= live.pop(addr)[0] if addr in live else size
+    groups: dict[str, list[int]] = {}
+    for size, where in at_peak.values():
+        g = groups.setdefault(where, [0, 0])
+        g[0] += size
+        g[1] += 1
+    gib = 1024**3
+    return {
+        "baseline_gib": round(baseline_bytes / gib, 4),
+        "peak_gib": round((baseline_bytes + peak) / gib, 4),
+        "alive_at_peak": [
+            {"gib": round(b / gib, 4), "blocks": n, "where": where}
+            for where, (b, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
+        ],
+    }
+
+
 class ProfileSteps(TrainerCallback):
     """Trainer callback: profile optimizer steps `start + 1` .. `start + steps` (start after compilation and
     the first logs, so the steps are steady ones), then write the trace and its summary into `out/profile`."""
 
-    def __init__(self, start: int, steps: int, out: Path) -> None:
+    def __init__(
+        self, start: int, steps: int, out: Path, host_ops: bool = True, memory: bool = False
+    ) -> None:
         self.start, self.steps, self.dir = start, steps, out / PROFILE_DIR
+        self.host_ops, self.memory = host_ops, memory
+        self.memory_baseline = 0
         self.prof: Any = None
         self.began = 0.0
 
@@ -156,8 +204,13 @@ class ProfileSteps(TrainerCallback):
             cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
             if cuda:
                 torch.cuda.synchronize()
-            activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
-            self.prof = profile(activities=activities, record_shapes=True)
+            activities = [ProfilerActivity.CUDA] if cuda else []
+            if self.host_ops or not cuda:
+                activities.append(ProfilerActivity.CPU)
+            self.prof = profile(activities=activities, record_shapes=self.host_ops)
+            if cuda and self.memory:
+                self.memory_baseline = torch.cuda.memory_allocated()
+                torch.cuda.memory._record_memory_history(stacks="python", max_entries=1_000_000)
             self.prof.__enter__()
             self.began = time.perf_counter()
 
@@ -175,6 +228,11 @@ class ProfileSteps(TrainerCallback):
         wall = time.perf_counter() - self.began
         self.prof.__exit__(None, None, None)
         self.dir.mkdir(parents=True, exist_ok=True)
+        if self.memory and torch.cuda.is_available() and torch.cuda.is_initialized():
+            snapshot = torch.cuda.memory._snapshot()
+            torch.cuda.memory._record_memory_history(enabled=None)
+            peak = memory_peak(snapshot, self.memory_baseline)
+            (self.dir / "memory_peak.json").write_text(json.dumps(peak, indent=1))
         summary = summarize_profile(self.prof, wall, max(steps, 1))
         raw = self.dir / "trace.json"
         self.prof.export_chrome_trace(str(raw))
