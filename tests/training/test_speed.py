@@ -176,6 +176,30 @@ def test_grouped_siblings_keep_no_more_for_backward(monkeypatch) -> None:
     assert saved[1] <= saved[0], saved
 
 
+def test_grouped_gate_up_are_saved_as_the_groups_output(monkeypatch) -> None:
+    """The compiled MLP keeps gate and up for the SwiGLU product's backward as views of their group's one
+    output, not as copies of it (a pass over the group's output per forward, for nothing), while attention's v
+    stays a tensor of its own (a view would keep all of q/k/v alive)."""
+    monkeypatch.setattr(
+        torch, "compile", functools.partial(torch.compile, backend="aot_eager_decomp_partition")
+    )
+    torch._dynamo.reset()
+    speed_cfg = {"attention": "sdpa", "compile": "on", "fused_lora": "on"}
+    model = _tiny_peft({"method": "lora", "precision": "fp32", "speed": speed_cfg}, layers=1)
+    intermediate, kv = model.config.intermediate_size, model.config.num_key_value_heads
+    saved: list[torch.Tensor] = []
+    ids = torch.randint(0, 256, (1, 64))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        model(input_ids=ids, labels=ids, position_ids=torch.arange(64)[None])
+    mlp_inputs = [t for t in saved if t.shape == (1, 64, intermediate)]
+    assert len(mlp_inputs) == 2  # gate and up
+    gate, up = mlp_inputs
+    assert gate.untyped_storage().data_ptr() == up.untyped_storage().data_ptr()
+    assert gate.untyped_storage().nbytes() == 2 * gate.numel() * gate.element_size()
+    values = [t for t in saved if t.dim() == 4 and t.shape[1] == kv]  # k and v, [1, kv heads, T, dim]
+    assert values and all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in values)
+
+
 def _fused_qlora_layer(keep_dequant: bool = False):
     """A PEFT LoRA layer over a bitsandbytes nf4 Linear4bit (double quant, CPU backend here), bf16 adapters,
     fused by `fuse_lora` as the train stage does; and the dequantized base weight (fp32) for references."""

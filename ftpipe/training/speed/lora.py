@@ -19,6 +19,11 @@ from .nf4_ops import NF4_BUFFERS, attach_nf4, nf4_call
 # operator calls a layer instead of 7 and 46 kernels instead of 70 over forward and backward, and k/v's narrow
 # GEMMs (512 outputs) become part of q's.
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# Groups whose members' outputs are all saved for backward by their one consumer (the SwiGLU product keeps gate
+# and up): a member's output is a view of the group's, since the whole group stays alive anyway, and a copy of
+# each would only cost a pass over it (compiled, the MLP's forward kernel wrote both copies: 256 MiB of writes
+# a layer for Llama-3.2-1B at 8k tokens, to save what the group's output already held).
+VIEW_GROUPS = (("gate_proj", "up_proj"),)
 # the group's base weight (bf16, or packed 4-bit data), its fp32 block scales (4-bit), its bias
 _WEIGHT, _ABSMAX, _BIAS = "_ftpipe_group_weight", "_ftpipe_group_absmax", "_ftpipe_group_bias"
 
@@ -91,9 +96,11 @@ def _grouped(self: nn.Module, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
     left = tuple(i for i in left if i != self._ftpipe_member)
     head._ftpipe_pending = (x, out, left) if left else None
     start, stop = self._ftpipe_columns
+    if head._ftpipe_views:
+        return out[..., start:stop]
     # A tensor of its own, not a view: a consumer that saves it for backward (attention keeps v) would keep the
     # whole group's output alive (for q/k/v 6x v's memory). Compiled, the copy fuses into the consumer's kernel
-    # (the rotary embedding, the SwiGLU product) or is one small copy (v).
+    # (the rotary embedding) or is one small copy (v).
     return out[..., start:stop].contiguous()
 
 
@@ -120,7 +127,7 @@ def group_siblings(model: nn.Module) -> int:
                 for m, b in zip(members, bases, strict=True)
             ):
                 continue
-            _group(members, bases)
+            _group(members, bases, member_views=names in VIEW_GROUPS)
             groups += 1
     return groups
 
@@ -131,7 +138,7 @@ def _concatenated(parts: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.T
     return whole, list(whole.split([p.shape[0] for p in parts]))
 
 
-def _group(members: list[nn.Module], bases: list[nn.Module]) -> None:
+def _group(members: list[nn.Module], bases: list[nn.Module], member_views: bool) -> None:
     head = members[0]
     four_bit = head._ftpipe_nf4 is not None
     with torch.no_grad():
@@ -163,6 +170,7 @@ def _group(members: list[nn.Module], bases: list[nn.Module]) -> None:
         start += base.out_features
     head.__dict__["_ftpipe_members"] = members
     head._ftpipe_pending = None
+    head._ftpipe_views = member_views
     head.register_buffer(_WEIGHT, weight, persistent=False)
     head.register_buffer(_BIAS, bias, persistent=False)
 
