@@ -17,11 +17,12 @@ from ftpipe.data.labels import IGNORE_INDEX
 from ftpipe.training import speed
 from ftpipe.training.collator import PackedCollator
 from ftpipe.training.speed import attention as attn
-from ftpipe.training.speed import mlp_chunks
+from ftpipe.training.speed import mlp_chunks, swiglu
 from ftpipe.training.speed.host_embedding import HostEmbedding
 from ftpipe.training.speed.lora import cast_adapters, fuse_lora
 from ftpipe.training.speed.lora_ops import lora_linear
 from ftpipe.training.speed.loss import ChunkedLinearCrossEntropy, linear_cross_entropy_sum
+from ftpipe.training.speed.swiglu import GroupedSwiGLU, swiglu_backward
 
 LENGTHS = [[5, 17, 10], [32]]  # two rows of 32 tokens: three documents, then one
 
@@ -118,6 +119,37 @@ def test_lora_linear_over_a_group_matches_autograd() -> None:
         torch.testing.assert_close(got, want)
 
 
+def test_swiglu_backward_matches_autograd() -> None:
+    """The SwiGLU product's backward over the grouped [gate | up] (speed/swiglu.py) is autograd's, for a group
+    output that is a view with a row stride of its own."""
+    torch.manual_seed(0)
+    gate_up = torch.randn(3, 5, 16, dtype=torch.float64)[..., :12].requires_grad_()  # gate and up: 6 each
+    grad = torch.randn(3, 5, 6, dtype=torch.float64)
+    gate, up = gate_up.chunk(2, dim=-1)
+    (want,) = torch.autograd.grad(F.silu(gate) * up, gate_up, grad)
+    torch.testing.assert_close(swiglu_backward(gate_up.detach(), grad), want)
+    out = GroupedSwiGLU.apply(gate_up)
+    torch.testing.assert_close(out, F.silu(gate) * up)
+    (got,) = torch.autograd.grad(out, gate_up, grad)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernel runs on CUDA")
+def test_swiglu_triton_backward_matches_the_fp32_formula() -> None:
+    """On CUDA the backward is a Triton kernel: the formula's numbers (fp32 inside, rounded once to bf16), for
+    a length that is no multiple of the kernel's block and a group output with a row stride of its own."""
+    torch.manual_seed(0)
+    gate_up = torch.randn(2, 37, 2 * 1500 + 8, device="cuda", dtype=torch.bfloat16)[..., : 2 * 1500]
+    grad = torch.randn(2, 37, 1500, device="cuda", dtype=torch.bfloat16)
+    assert swiglu._kernel is not None
+    got = swiglu_backward(gate_up, grad)
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    want = torch.cat([grad * up * sig * (1 + gate * (1 - sig)), grad * gate * sig], dim=-1)
+    torch.testing.assert_close(got.float(), want, atol=1e-2, rtol=1e-2)
+    assert got.dtype == torch.bfloat16 and got.shape == gate_up.shape
+
+
 def test_grouped_siblings_keep_the_numbers_in_any_call_order() -> None:
     """q/k/v and gate/up grouped (`fuse_lora`): the base layers' weights become views of the group's one weight
     (no copy), and a member called with another input than its siblings, or before them, still gives its own
@@ -177,9 +209,9 @@ def test_grouped_siblings_keep_no_more_for_backward(monkeypatch) -> None:
 
 
 def test_grouped_gate_up_are_saved_as_the_groups_output(monkeypatch) -> None:
-    """The compiled MLP keeps gate and up for the SwiGLU product's backward as views of their group's one
-    output, not as copies of it (a pass over the group's output per forward, for nothing), while attention's v
-    stays a tensor of its own (a view would keep all of q/k/v alive)."""
+    """The compiled MLP keeps its gate/up group's one output for the SwiGLU product's backward (speed/swiglu.py),
+    and no copy of gate, of up or of their product (a pass over them per forward, memory for nothing), while
+    attention's v stays a tensor of its own (a view would keep all of q/k/v alive)."""
     monkeypatch.setattr(
         torch, "compile", functools.partial(torch.compile, backend="aot_eager_decomp_partition")
     )
@@ -191,11 +223,9 @@ def test_grouped_gate_up_are_saved_as_the_groups_output(monkeypatch) -> None:
     ids = torch.randint(0, 256, (1, 64))
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         model(input_ids=ids, labels=ids, position_ids=torch.arange(64)[None])
-    mlp_inputs = [t for t in saved if t.shape == (1, 64, intermediate)]
-    assert len(mlp_inputs) == 2  # gate and up
-    gate, up = mlp_inputs
-    assert gate.untyped_storage().data_ptr() == up.untyped_storage().data_ptr()
-    assert gate.untyped_storage().nbytes() == 2 * gate.numel() * gate.element_size()
+    (gate_up,) = [t for t in saved if t.shape == (1, 64, 2 * intermediate)]
+    assert gate_up.untyped_storage().nbytes() == gate_up.numel() * gate_up.element_size()
+    assert not [t for t in saved if t.shape == (1, 64, intermediate)]
     values = [t for t in saved if t.dim() == 4 and t.shape[1] == kv]  # k and v, [1, kv heads, T, dim]
     assert values and all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in values)
 
@@ -471,6 +501,10 @@ def test_fast_path_matches_plain_path_on_tiny_llama(checkpointing: str, mlp_chun
         return checkpoint(*args, **kwargs)
 
     monkeypatch.setattr(mlp_chunks, "checkpoint", counting)
+    swiglu_backwards = []
+    monkeypatch.setattr(
+        swiglu, "swiglu_backward", lambda *a: swiglu_backwards.append(1) or swiglu_backward(*a)
+    )
     rows = [{"input_ids": ids[i], "labels": labels[i], "position_ids": pos[i]} for i in range(2)]
     batch = PackedCollator(boundaries=True)(rows)
     assert batch["input_ids"].shape == (1, 64)
@@ -481,6 +515,8 @@ def test_fast_path_matches_plain_path_on_tiny_llama(checkpointing: str, mlp_chun
     assert chunked == (
         0 if not mlp_chunk else 2 * -(-64 // mlp_chunk) * (2 if checkpointing == "full" else 1)
     )
+    # every MLP (every chunk of it) runs its gate/up group through the one-pass SwiGLU backward
+    assert len(swiglu_backwards) == 2 * (-(-64 // mlp_chunk) if mlp_chunk else 1)
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
     assert set(grads) == set(ref_grads) and len(grads) == 2 * 7 * 2
     for name, g in grads.items():

@@ -1,9 +1,10 @@
 """The speed levers of the train stage (`train.speed.*`): the policy (`policy.resolve`, once per run) and the
 hooks where its choices enter training. Each lever lives in a file of its own: `attention` (per-document
 attention), `loss` (fused linear cross-entropy and the answer-only loss), `lora` with `lora_ops` / `nf4_ops`
-(fused LoRA linears over bf16 / 4-bit weights), `checkpointing` (full, offloaded, selective), `compiled`
-(torch.compile'd layers), `host_embedding` (a frozen input embedding in host memory). On CPU every lever
-resolves to the plain path, and these hooks do what the stock HF + PEFT setup does.
+(fused LoRA linears over bf16 / 4-bit weights) and `swiglu` (the MLP over its fused gate/up group),
+`checkpointing` (full, offloaded, selective), `compiled` (torch.compile'd layers), `host_embedding` (a frozen
+input embedding in host memory). On CPU every lever resolves to the plain path, and these hooks do what the
+stock HF + PEFT setup does.
 
 Call order (ftpipe/training/model.py, ftpipe/training/fit.py):
     levers = resolve(train_cfg, device)
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from ..devices import compute_dtype
-from . import attention, checkpointing, compiled, host_embedding, lora, mlp_chunks
+from . import attention, checkpointing, compiled, host_embedding, lora, mlp_chunks, swiglu
 from .loss import patch_causal_lm
 from .policy import Levers, resolve
 
@@ -115,6 +116,7 @@ def after_peft(model: nn.Module, train_cfg: dict[str, Any], levers: Levers) -> n
     if levers.fused_lora:
         # Offloaded / full checkpointing: a 4-bit weight dequantized in the recompute is kept for its backward.
         lora.fuse_lora(model, keep_dequant=levers.checkpointing in ("offload", "full"))
+        swiglu.fuse_swiglu(model)
     if levers.cpu_embeddings:
         host_embedding.host_embeddings(model)
     if levers.compile or levers.checkpointing in ("offload", "selective"):

@@ -75,24 +75,14 @@ def _grouped(self: nn.Module, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
     whole group and keeps the output on the group's head until every member has taken its columns. A member
     called with another input computes the group again, and one whose sibling cannot fuse (adapters disabled)
     takes PEFT's own path: any call order gives the plain numbers."""
-    members = head._ftpipe_members
     pending = head._ftpipe_pending
     if pending is not None and pending[0] is x and self._ftpipe_member in pending[2]:
         out, left = pending[1], pending[2]
     else:
-        if not all(_lora_can_fuse(m) for m in members):
+        out = group_output(head, x)
+        if out is None:
             return type(self).forward(self, x)
-        adapters = [_adapter(m) for m in members]
-        a, b, scale = ([t[i] for t in adapters] for i in range(3))
-        xc = x.to(a[0].dtype) if x.dtype != a[0].dtype else x
-        weight, bias = getattr(head, _WEIGHT), getattr(head, _BIAS)
-        if head._ftpipe_nf4 is not None:
-            keep = head._ftpipe_keep_dequant and torch.is_grad_enabled()  # as for one projection
-            absmax = getattr(head, _ABSMAX)
-            out = nf4_call(xc, weight, absmax, bias, a, b, scale, head._ftpipe_group_nf4, keep)
-        else:
-            out = lora_linear(xc, weight, bias, a, b, scale)
-        left = tuple(range(len(members)))
+        left = tuple(range(len(head._ftpipe_members)))
     left = tuple(i for i in left if i != self._ftpipe_member)
     head._ftpipe_pending = (x, out, left) if left else None
     start, stop = self._ftpipe_columns
@@ -102,6 +92,28 @@ def _grouped(self: nn.Module, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
     # whole group's output alive (for q/k/v 6x v's memory). Compiled, the copy fuses into the consumer's kernel
     # (the rotary embedding) or is one small copy (v).
     return out[..., start:stop].contiguous()
+
+
+def group_output(head: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The whole output of the group `head` leads for input x (its members' columns side by side), or None
+    where a member cannot fuse (adapters disabled, merged, ...): then each takes PEFT's own path."""
+    members = head._ftpipe_members
+    if not all(_lora_can_fuse(m) for m in members):
+        return None
+    adapters = [_adapter(m) for m in members]
+    a, b, scale = ([t[i] for t in adapters] for i in range(3))
+    xc = x.to(a[0].dtype) if x.dtype != a[0].dtype else x
+    weight, bias = getattr(head, _WEIGHT), getattr(head, _BIAS)
+    if head._ftpipe_nf4 is not None:
+        keep = head._ftpipe_keep_dequant and torch.is_grad_enabled()  # as for one projection
+        absmax = getattr(head, _ABSMAX)
+        return nf4_call(xc, weight, absmax, bias, a, b, scale, head._ftpipe_group_nf4, keep)
+    return lora_linear(xc, weight, bias, a, b, scale)
+
+
+def group_head(layer: nn.Module) -> nn.Module | None:
+    """The head of the group `layer` leads (its first member), or None."""
+    return layer if layer.__dict__.get("_ftpipe_head") is layer else None
 
 
 def group_siblings(model: nn.Module) -> int:

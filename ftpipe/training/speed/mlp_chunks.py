@@ -32,14 +32,21 @@ def chunk_mlps(model: nn.Module, chunk_tokens: int) -> None:
 def _maybe_chunked(self: nn.Module, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
     # A shape test, so torch.compile traces the plain MLP (and guards on the length) for ordinary batches. An
     # MLP called with more than the hidden states is not position-wise for sure: left whole.
-    if hidden.shape[-2] <= self._ftpipe_chunk_tokens or args or kwargs:
+    if args or kwargs:
         return type(self).forward(self, hidden, *args, **kwargs)
+    if hidden.shape[-2] <= self._ftpipe_chunk_tokens:
+        return _plain(self)(hidden)
     return _chunked(self, hidden)
+
+
+def _plain(mlp: nn.Module) -> Any:
+    """The MLP's forward over one chunk: the fused SwiGLU MLP's (speed/swiglu.py) where it has one."""
+    return mlp.__dict__.get("_ftpipe_mlp_forward") or type(mlp).forward.__get__(mlp)
 
 
 @torch._dynamo.disable  # eager, chunk by chunk: at these lengths the GEMMs are large and launch costs vanish
 def _chunked(mlp: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    plain = type(mlp).forward.__get__(mlp)
+    plain = _plain(mlp)
     parts = hidden.split(mlp._ftpipe_chunk_tokens, dim=-2)
     if torch.is_grad_enabled():
         outs = [checkpoint(plain, part, use_reentrant=False) for part in parts]
