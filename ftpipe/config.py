@@ -108,6 +108,9 @@ class SpeedConfig:
     fused_ce: str = "auto"
     compile: str = "auto"  # auto | on | off: torch.compile each decoder layer
     fused_lora: str = "auto"  # auto | on | off: one autograd function per LoRA linear (base + A/B)
+    # auto | on | off: with fused_lora, the SwiGLU MLP over its gate/up group with a one-pass backward
+    # (speed/swiglu.py); auto = off until its final form is profiled on a GPU (docs/performance.md)
+    fused_swiglu: str = "auto"
     # auto | none | full | offload | selective: recompute layers in backward to save memory (auto: offload on
     # CUDA for micro-batches of 32k tokens or more, else none; offload = full on CPU)
     checkpointing: str = "auto"
@@ -259,6 +262,7 @@ _CHOICES = {
     "train.speed.fused_ce": {"auto", "liger", "torch", "off"},
     "train.speed.compile": {"auto", "on", "off"},
     "train.speed.fused_lora": {"auto", "on", "off"},
+    "train.speed.fused_swiglu": {"auto", "on", "off"},
     "train.speed.frozen_prefix": {"auto", "on", "off"},
     "train.speed.checkpointing": {"auto", "none", "full", "offload", "selective"},
     "train.speed.adapter_dtype": {"auto", "bf16", "fp32"},

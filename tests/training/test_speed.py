@@ -208,24 +208,29 @@ def test_grouped_siblings_keep_no_more_for_backward(monkeypatch) -> None:
     assert saved[1] <= saved[0], saved
 
 
-def test_grouped_gate_up_are_saved_as_the_groups_output(monkeypatch) -> None:
-    """The compiled MLP keeps its gate/up group's one output for the SwiGLU product's backward (speed/swiglu.py),
-    and no copy of gate, of up or of their product (a pass over them per forward, memory for nothing), while
-    attention's v stays a tensor of its own (a view would keep all of q/k/v alive)."""
+@pytest.mark.parametrize("fused_swiglu", ["off", "on"])
+def test_grouped_gate_up_are_saved_as_the_groups_output(fused_swiglu: str, monkeypatch) -> None:
+    """The compiled MLP keeps its gate/up group's one output for the SwiGLU product's backward (as two views of
+    it, or whole through speed/swiglu.py) and no copy of gate, of up or of their product (a pass over them per
+    forward, memory for nothing), while attention's v stays a tensor of its own (a view would keep all of
+    q/k/v alive)."""
     monkeypatch.setattr(
         torch, "compile", functools.partial(torch.compile, backend="aot_eager_decomp_partition")
     )
     torch._dynamo.reset()
-    speed_cfg = {"attention": "sdpa", "compile": "on", "fused_lora": "on"}
+    speed_cfg = {"attention": "sdpa", "compile": "on", "fused_lora": "on", "fused_swiglu": fused_swiglu}
     model = _tiny_peft({"method": "lora", "precision": "fp32", "speed": speed_cfg}, layers=1)
     intermediate, kv = model.config.intermediate_size, model.config.num_key_value_heads
     saved: list[torch.Tensor] = []
     ids = torch.randint(0, 256, (1, 64))
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         model(input_ids=ids, labels=ids, position_ids=torch.arange(64)[None])
-    (gate_up,) = [t for t in saved if t.shape == (1, 64, 2 * intermediate)]
-    assert gate_up.untyped_storage().nbytes() == gate_up.numel() * gate_up.element_size()
-    assert not [t for t in saved if t.shape == (1, 64, intermediate)]
+    halves = [t for t in saved if t.shape == (1, 64, intermediate)]
+    whole = [t for t in saved if t.shape == (1, 64, 2 * intermediate)]
+    kept = halves if fused_swiglu == "off" else whole
+    assert len(kept) == (2 if fused_swiglu == "off" else 1) and len(halves) + len(whole) == len(kept)
+    assert {t.untyped_storage().data_ptr() for t in kept} == {kept[0].untyped_storage().data_ptr()}
+    assert kept[0].untyped_storage().nbytes() == 2 * intermediate * 64 * kept[0].element_size()
     values = [t for t in saved if t.dim() == 4 and t.shape[1] == kv]  # k and v, [1, kv heads, T, dim]
     assert values and all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in values)
 
@@ -488,6 +493,7 @@ def test_fast_path_matches_plain_path_on_tiny_llama(checkpointing: str, mlp_chun
             "attention": "sdpa",  # flex has no CPU backward; sdpa masks per document from position_ids
             "fused_ce": "torch",
             "fused_lora": "on",
+            "fused_swiglu": "on",
             "checkpointing": checkpointing,
             "mlp_chunk_tokens": mlp_chunk,
         },
@@ -523,7 +529,8 @@ def test_fast_path_matches_plain_path_on_tiny_llama(checkpointing: str, mlp_chun
         torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_compiled_layers_share_one_graph_with_their_mlps_chunked(monkeypatch) -> None:
+@pytest.mark.parametrize("fused_swiglu", ["off", "on"])
+def test_compiled_layers_share_one_graph_with_their_mlps_chunked(fused_swiglu: str, monkeypatch) -> None:
     """Every decoder layer runs the same compiled graph: a wrapper dynamo guards by identity (a
     functools.partial per layer around the MLP) made one graph per layer, and the first layer's input, which
     needs no grad, one more."""
@@ -535,7 +542,13 @@ def test_compiled_layers_share_one_graph_with_their_mlps_chunked(monkeypatch) ->
     train_cfg = {
         "method": "lora",
         "precision": "fp32",
-        "speed": {"attention": "sdpa", "compile": "on", "fused_lora": "on", "mlp_chunk_tokens": 16},
+        "speed": {
+            "attention": "sdpa",
+            "compile": "on",
+            "fused_lora": "on",
+            "fused_swiglu": fused_swiglu,
+            "mlp_chunk_tokens": 16,
+        },
     }
     model = _tiny_peft(train_cfg, layers=4)
     ids = torch.randint(0, 256, (1, 12))  # shorter than a chunk: the plain MLP, traced into the graph

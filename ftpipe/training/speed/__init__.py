@@ -116,7 +116,8 @@ def after_peft(model: nn.Module, train_cfg: dict[str, Any], levers: Levers) -> n
     if levers.fused_lora:
         # Offloaded / full checkpointing: a 4-bit weight dequantized in the recompute is kept for its backward.
         lora.fuse_lora(model, keep_dequant=levers.checkpointing in ("offload", "full"))
-        swiglu.fuse_swiglu(model)
+        if levers.fused_swiglu:
+            swiglu.fuse_swiglu(model)
     if levers.cpu_embeddings:
         host_embedding.host_embeddings(model)
     if levers.compile or levers.checkpointing in ("offload", "selective"):
