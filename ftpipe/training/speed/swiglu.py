@@ -1,12 +1,12 @@
-"""The SwiGLU MLP over its grouped gate/up projection (part of `train.speed.fused_lora`): the MLP takes its
-group's one output (gate and up side by side, `lora.group_output`) and runs silu(gate) * up as one autograd
-node whose backward is one pass, on CUDA a Triton kernel that reads gate, up and the product's gradient once
-and writes both gradients into the group's gradient. Compiled, inductor fused the same backward from a
-slice_scatter of each half into one kernel over the whole [T, 2I] gradient that reached about half the GPU's
-memory bandwidth (4.7 ms a step for Llama-3.2-1B at 8k tokens, docs/performance.md). The forward stays plain
-torch ops, so the compiled layer's partitioner still recomputes the product in backward instead of keeping it.
+"""The SwiGLU MLP over its grouped gate/up projection (`train.speed.fused_swiglu`, with `fused_lora`): the MLP
+takes its group's one output (gate and up side by side, `lora.group_output`) and runs silu(gate) * up as one
+autograd node whose backward is one operator, on CUDA a Triton kernel that reads gate, up and the product's
+gradient once and writes both gradients into the group's gradient. Compiled without it, inductor fuses that
+backward from a slice_scatter of each half into one kernel over the whole [T, 2I] gradient at about half the
+GPU's memory bandwidth (4.7 ms a step for Llama-3.2-1B at 8k tokens; this kernel 2.5 ms, docs/performance.md).
+The forward stays plain torch ops, so the compiled layer's partitioner can still recompute the product in
+backward instead of keeping it.
 """
-
 from __future__ import annotations
 
 import importlib.util
