@@ -7,6 +7,7 @@ GPU's memory bandwidth (4.7 ms a step for Llama-3.2-1B at 8k tokens; this kernel
 The forward stays plain torch ops, so the compiled layer's partitioner can still recompute the product in
 backward instead of keeping it.
 """
+
 from __future__ import annotations
 
 import importlib.util
