@@ -109,7 +109,7 @@ class SpeedConfig:
     compile: str = "auto"  # auto | on | off: torch.compile each decoder layer
     fused_lora: str = "auto"  # auto | on | off: one autograd function per LoRA linear (base + A/B)
     # auto | on | off: with fused_lora, the SwiGLU MLP over its gate/up group with a one-pass backward
-    # (speed/swiglu.py); auto = off until its final form is profiled on a GPU (docs/performance.md)
+    # (speed/swiglu.py); auto = off (speed/policy.py says why)
     fused_swiglu: str = "auto"
     # auto | none | full | offload | selective: recompute layers in backward to save memory (auto: offload on
     # CUDA for micro-batches of 32k tokens or more, else none; offload = full on CPU)

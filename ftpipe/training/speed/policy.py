@@ -78,9 +78,8 @@ def resolve(
     compile_on = pick("compile", "on" if cuda and method in ("lora", "qlora") else "off") == "on"
     adapter_dtype = pick("adapter_dtype", "bf16" if cuda else "fp32")
     fused_lora = pick("fused_lora", "on" if cuda and method in ("lora", "qlora") else "off") == "on"
-    # Off unless asked: its kernel halved the SwiGLU backward (4.7 -> 2.5 ms a step, Llama-3.2-1B), but the
-    # form measured on the GPU made the partitioner recompute the gate/up GEMM (+16 ms); the form here (one
-    # opaque operator) keeps that GEMM's output on the CPU and has not been profiled on a GPU yet.
+    # Off unless asked until its operator form is profiled on a GPU: the form that was made the partitioner
+    # recompute the gate/up GEMM (docs/performance.md, c27).
     fused_swiglu = fused_lora and pick("fused_swiglu", "off") == "on"
     # Checkpointing trades speed for memory: only where asked. Offloading parks inputs in pinned host memory
     # for a GPU; on the CPU it is plain (full) checkpointing.
