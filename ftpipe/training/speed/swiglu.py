@@ -41,12 +41,8 @@ class GroupedSwiGLU(torch.autograd.Function):
         return swiglu_backward(gate_up, grad)
 
 
-def swiglu_backward(gate_up: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """d(silu(gate) * up) / d[gate | up] for the product's gradient `grad`, computed in fp32."""
-    return _swiglu_bwd_op(gate_up, grad)
-
-
 def _swiglu_bwd_impl(gate_up: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """d(silu(gate) * up) / d[gate | up] for the product's gradient `grad`, computed in fp32."""
     if gate_up.is_cuda and _kernel is not None:
         return _triton_backward(gate_up, grad)
     gate, up = gate_up.float().chunk(2, dim=-1)
@@ -64,14 +60,14 @@ def _swiglu_bwd_fake(gate_up: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 # call, the same on every device. A Triton kernel traced into the graph instead changed what the partitioner
 # kept: on the GPU it recomputed the gate/up GEMM in backward rather than keep its output (+16 ms a step for
 # Llama-3.2-1B, 3.3 GiB less), which the CPU's graph, without the kernel, never showed.
-_swiglu_bwd_op = _op("swiglu_bwd(Tensor gate_up, Tensor grad) -> Tensor", _swiglu_bwd_impl, _swiglu_bwd_fake)
+swiglu_backward = _op("swiglu_bwd(Tensor gate_up, Tensor grad) -> Tensor", _swiglu_bwd_impl, _swiglu_bwd_fake)
 
 
 def _triton_backward(gate_up: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     width = grad.shape[-1]
     gate_up2, grad2 = gate_up.reshape(-1, 2 * width), grad.reshape(-1, width)
-    out = torch.empty((gate_up2.shape[0], 2 * width), dtype=gate_up.dtype, device=gate_up.device)
     rows = gate_up2.shape[0]
+    out = torch.empty((rows, 2 * width), dtype=gate_up.dtype, device=gate_up.device)
     grid = (rows, (width + _BLOCK - 1) // _BLOCK)
     _kernel[grid](gate_up2, grad2, out, width, gate_up2.stride(0), grad2.stride(0), BLOCK=_BLOCK, num_warps=4)
     return out.view(*gate_up.shape)
