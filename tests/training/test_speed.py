@@ -470,9 +470,19 @@ def _loss_grads(model, batch):
 
 
 @pytest.mark.parametrize(
-    "checkpointing,mlp_chunk", [("none", 0), ("full", 0), ("selective", 0), ("none", 16), ("full", 24)]
+    "checkpointing,mlp_chunk,fused_swiglu",
+    [
+        ("none", 0, "off"),
+        ("none", 0, "on"),
+        ("full", 0, "off"),
+        ("selective", 0, "on"),
+        ("none", 16, "on"),
+        ("full", 24, "on"),
+    ],
 )
-def test_fast_path_matches_plain_path_on_tiny_llama(checkpointing: str, mlp_chunk: int, monkeypatch) -> None:
+def test_fast_path_matches_plain_path_on_tiny_llama(
+    checkpointing: str, mlp_chunk: int, fused_swiglu: str, monkeypatch
+) -> None:
     """Same weights, same packed batch: padding-free row + chunked fused loss + fused LoRA (+ checkpointing,
     + the MLP over chunks of the 64-token row, each recomputed on its own) give HF+PEFT's loss and LoRA
     gradients."""
@@ -493,7 +503,7 @@ def test_fast_path_matches_plain_path_on_tiny_llama(checkpointing: str, mlp_chun
             "attention": "sdpa",  # flex has no CPU backward; sdpa masks per document from position_ids
             "fused_ce": "torch",
             "fused_lora": "on",
-            "fused_swiglu": "on",
+            "fused_swiglu": fused_swiglu,
             "checkpointing": checkpointing,
             "mlp_chunk_tokens": mlp_chunk,
         },
@@ -521,8 +531,9 @@ def test_fast_path_matches_plain_path_on_tiny_llama(checkpointing: str, mlp_chun
     assert chunked == (
         0 if not mlp_chunk else 2 * -(-64 // mlp_chunk) * (2 if checkpointing == "full" else 1)
     )
-    # every MLP (every chunk of it) runs its gate/up group through the one-pass SwiGLU backward
-    assert len(swiglu_backwards) == 2 * (-(-64 // mlp_chunk) if mlp_chunk else 1)
+    # with the key on, every MLP (every chunk of it) runs its gate/up group through the one-pass backward
+    per_layer = -(-64 // mlp_chunk) if mlp_chunk else 1
+    assert len(swiglu_backwards) == (2 * per_layer if fused_swiglu == "on" else 0)
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
     assert set(grads) == set(ref_grads) and len(grads) == 2 * 7 * 2
     for name, g in grads.items():
