@@ -153,8 +153,10 @@ def test_two_processes_on_one_key_compute_it_once(setup):
         assert p.returncode == 0, err
         results.append(json.loads(out))
     assert executions(log) == ["a", "b", "c"]
-    hits = sorted(tuple(r["hit"] for r in rows) for rows in results)
-    assert hits == [(False, False, False), (True, True, True)]
+    # Which process wins each stage's lock is a race; what must hold is that each stage
+    # was computed by exactly one of them and found as a hit by the other.
+    per_stage = [sorted(rows[i]["hit"] for rows in results) for i in range(3)]
+    assert per_stage == [[False, True]] * 3
     assert results[0][2]["key"] == results[1][2]["key"]
 
 
