@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,8 @@ class TemplateConfig:
 
 @dataclass
 class OptimizerConfig:
+    # adamw: torch's (fused on CUDA), its moments in the adapters' dtype; adamw_8bit: bitsandbytes' AdamW with
+    # 8-bit moments (blockwise quantized; README, "Less memory")
     name: str = "adamw"
     lr: float = 2e-4
     weight_decay: float = 0.0
@@ -269,7 +272,7 @@ _CHOICES = {
     "train.speed.cpu_embeddings": {"auto", "on", "off"},
     "eval.task": {"auto", "colorist", "assistant", "pretrain", "preference", "none"},
     "objective.direction": {"minimize", "maximize"},
-    "optimizer.name": {"adamw"},
+    "optimizer.name": {"adamw", "adamw_8bit"},
     "merge.dtype": {"auto", "fp32", "bf16", "fp16"},
 }
 
@@ -315,6 +318,7 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     if train["micro_batch_size"] < 1 or train["grad_accum"] < 1:
         raise FtpipeError("config keys `train.micro_batch_size` / `train.grad_accum` must be ≥ 1")
     _validate_train(train, resolved["optimizer"])
+    _validate_optimizer(resolved["optimizer"], launcher)
     _validate_objective(train, resolved["dataset"])
     if resolved["dataset"]["max_length"] < 8:
         raise FtpipeError("config key `dataset.max_length` must be at least 8")
@@ -397,8 +401,6 @@ def _validate_objective(train: dict[str, Any], dataset: dict[str, Any]) -> None:
 
 def _validate_launcher(launcher: dict[str, Any]) -> None:
     """Resolve `nproc_per_node: auto` and refuse launches that could only fail once started."""
-    import importlib.util
-
     if launcher["nproc_per_node"] == "auto":
         import torch
 
@@ -463,6 +465,20 @@ def _validate_train(train: dict[str, Any], optimizer: dict[str, Any]) -> None:
         )
     if len(optimizer["betas"]) != 2:
         raise FtpipeError(f"config key `optimizer.betas` must hold two numbers, got {optimizer['betas']}")
+
+
+def _validate_optimizer(optimizer: dict[str, Any], launcher: dict[str, Any]) -> None:
+    if optimizer["name"] != "adamw_8bit":
+        return
+    if launcher.get("deepspeed"):
+        raise FtpipeError(
+            f"config keys `optimizer.name` and `launcher`: adamw_8bit runs under launcher=local or torchrun; "
+            f"launcher={launcher['name']} keeps the optimizer states itself (ZeRO shards them): use adamw"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise FtpipeError(
+            "config key `optimizer.name`: adamw_8bit needs bitsandbytes (pip install 'ftpipe[qlora]')"
+        )
 
 
 def quote_overrides(args: list[str]) -> list[str]:

@@ -248,6 +248,7 @@ def ftpipe_cfg(case: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any
     train["speed"] = {**train["speed"], **ckpt, **speed_over}
     opt = asdict(OptimizerConfig())
     opt.update(lr=2e-4, scheduler="constant", warmup_ratio=0.0)
+    opt.update({k.removeprefix("optimizer."): v for k, v in overrides.items() if k.startswith("optimizer.")})
     return {"train": train, "optimizer": opt, "seed": 0, "launcher": asdict(LauncherConfig())}
 
 
@@ -832,7 +833,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {list(CASES)}")
     p.add_argument("--sides", default="hf,ftpipe", help="hf, ftpipe or both")
-    p.add_argument("--variants", default="default:", help="ftpipe lever overrides: name:key=val+key=val,...")
+    p.add_argument(
+        "--variants",
+        default="default:",
+        help="ftpipe overrides: name:key=val+key=val,... (a train.speed key's leaf, or optimizer.KEY)",
+    )
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)

@@ -16,7 +16,8 @@ stage's entry: `train_tokens_per_second_steady` (median of the logged rates afte
   whole profile in OUT/CASE_warm_cprofile.txt.prof).
 - `--harness CASE,...`: `scripts/bench.py --sides ftpipe,hf --rows-from <the case's packed rows>`, so the
   harness and HF Trainer + PEFT train on exactly the command's rows, in the same call.
-- `CASE@KEY=VALUE@...`: that case with overrides of its own (an A/B in the same call), in a cache of its own.
+- `CASE@KEY=VALUE@...`: that case with overrides of its own (an A/B in the same call), in a cache of its own;
+  its harness run takes the same speed levers and optimizer (e.g. `lora_offload@optimizer=adamw_8bit`).
 - `--probe SHAPE:METHOD:MAX[:START]`: `ftpipe probe` on that shape (the longest single sequence that trains),
   doubling from START (32768) tokens.
 Results: OUT/command.json (rewritten after each piece) and a table on stdout.
@@ -182,6 +183,21 @@ def train_result(cache: Path) -> dict[str, Any]:
     }
 
 
+def harness_variant(own: list[str]) -> list[str]:
+    """A case's own overrides as bench.py's `--variants` (the speed levers and the optimizer, which the
+    harness builds as the train stage does); profiling keys stay with the command."""
+    keys = []
+    for item in own:
+        key, _, value = item.partition("=")
+        if key.startswith("train.speed."):
+            keys.append(f"{key.removeprefix('train.speed.')}={value}")
+        elif key == "optimizer":
+            keys.append(f"optimizer.name={value}")
+        elif key.startswith("optimizer."):
+            keys.append(item)
+    return ["--variants", "own:" + "+".join(keys)] if keys else []
+
+
 def pack_dir(cache: Path) -> str | None:
     entry = newest_entry(cache, "pack")
     return str(entry[0] / "dataset") if entry else None
@@ -241,6 +257,7 @@ def main() -> int:
                 "--json",
                 str(harness_json),
                 *ns.harness_args.split(),
+                *harness_variant(own),
             ]
             with open(out / f"harness_{name}.log", "w") as fh:
                 subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)

@@ -100,12 +100,12 @@ def composed(*overrides: str, **train: Any) -> dict[str, Any]:
     return validate(compose([*TRAIN_OVERRIDES, *overrides, *(f"train.{k}={v}" for k, v in train.items())]))
 
 
-def train_cfg(**train: Any) -> dict[str, Any]:
+def train_cfg(*overrides: str, **train: Any) -> dict[str, Any]:
     """The train stage's config slice, composed from the real config with the fast settings above."""
     from ftpipe.engine import slice_config
     from ftpipe.stages import train as train_stage
 
-    return slice_config(train_stage.STAGE, composed(**train))
+    return slice_config(train_stage.STAGE, composed(*overrides, **train))
 
 
 def data_info(root: Path) -> Path:

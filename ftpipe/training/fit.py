@@ -57,15 +57,11 @@ def training_arguments(
         gradient_accumulation_steps=grad_accum,
         num_train_epochs=float(train["epochs"]),
         max_steps=train["max_steps"] or -1,
-        learning_rate=opt["lr"],
-        weight_decay=opt["weight_decay"],
-        adam_beta1=opt["betas"][0],
-        adam_beta2=opt["betas"][1],
+        **optimizer_arguments(opt, device),
         max_grad_norm=opt["max_grad_norm"],
         lr_scheduler_type=scheduler,
         # transformers 5 reads a float in [0, 1) here as a ratio of the total steps.
         warmup_steps=float(opt["warmup_ratio"]) if opt["warmup_ratio"] else 0,
-        optim="adamw_torch_fused" if device == "cuda" else "adamw_torch",
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=device == "cpu",
@@ -89,6 +85,19 @@ def training_arguments(
         ddp_timeout=cfg["launcher"]["timeout_minutes"] * 60,  # a lost rank fails the others, never hangs them
         deepspeed=deepspeed_config(cfg["launcher"], micro_batch, grad_accum, precision, opt["max_grad_norm"]),
     )
+
+
+def optimizer_arguments(opt: dict[str, Any], device: str) -> dict[str, Any]:
+    """The TrainingArguments that choose the optimizer for the `optimizer` config on `device` (the train
+    stage's Trainer and the probe build theirs from these)."""
+    optim = "adamw_torch_fused" if device == "cuda" else "adamw_torch"
+    return {
+        "optim": "adamw_bnb_8bit" if opt["name"] == "adamw_8bit" else optim,
+        "learning_rate": opt["lr"],
+        "weight_decay": opt["weight_decay"],
+        "adam_beta1": opt["betas"][0],
+        "adam_beta2": opt["betas"][1],
+    }
 
 
 def build_env(build_dir: Path) -> dict[str, str]:

@@ -70,6 +70,18 @@ def longest(attempts: list[Attempt]) -> Attempt | None:
     return max(fitting, key=lambda a: a.tokens) if fitting else None
 
 
+def build_optimizer(params: list[Any], opt: dict[str, Any], device: str) -> Any:
+    """The optimizer the train stage's Trainer builds for `optimizer` (its class from transformers, so the
+    probe measures the states a run will hold)."""
+    from transformers import Trainer, TrainingArguments
+
+    from .fit import optimizer_arguments
+
+    args = TrainingArguments(**optimizer_arguments(opt, device), use_cpu=device == "cpu", report_to="none")
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    return cls(params, **kwargs)
+
+
 def probe(
     model_dir: Path, cfg: dict[str, Any], start: int, limit: int, resolution: int = 1024
 ) -> list[Attempt]:
@@ -95,7 +107,7 @@ def probe(
         model.to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg["optimizer"]["lr"], fused=device == "cuda")
+    optimizer = build_optimizer(params, cfg["optimizer"], device)
     collator = PackedCollator(**speed.collator_kwargs(levers))
     vocab = model.config.vocab_size
     positions = getattr(model.config, "max_position_embeddings", None)

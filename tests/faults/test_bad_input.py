@@ -138,6 +138,12 @@ CASES = [
         "ZeRO-3 cannot shard",
         {},
     ),
+    (
+        "8-bit AdamW under DeepSpeed",
+        lambda t: ["optimizer=adamw_8bit", "launcher=deepspeed_zero2"],
+        "adamw_8bit runs under launcher=local or torchrun",
+        {},
+    ),
     ("fp16 on CPU", lambda t: ["train.precision=fp16"], "fp16 needs a CUDA GPU", {}),
     ("colorist without held-out rows", lambda t: ["dataset.eval_size=0"], "dataset.eval_size", {}),
     ("cache_dir is a file", lambda t: [f"cache_dir={(t / 'f').write_text('') or t / 'f'}"], "is a file", {}),

@@ -166,3 +166,20 @@ def test_a_case_spec_carries_its_own_overrides_and_cache_folder(monkeypatch):
     case, own, folder = case_spec("lora_zero2@train.speed.compile=off@optimizer.lr=1e-4")
     assert (case, own) == ("lora_zero2", ["train.speed.compile=off", "optimizer.lr=1e-4"])
     assert folder == "lora_zero2_train.speed.compile_off_optimizer.lr_1e-4"  # no @ or = in cache_dir=...
+
+
+def test_the_harness_of_a_case_with_its_own_overrides_runs_the_same_levers_and_optimizer(monkeypatch):
+    """bench_command.py --harness CASE@...: bench.py gets the case's speed levers and optimizer (not its
+    profiling keys), and builds its train config with them."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import bench
+    import bench_command
+
+    own = ["train.speed.fused_swiglu=on", "optimizer=adamw_8bit", "train.profile.memory=true"]
+    flag, spec = bench_command.harness_variant(own)
+    assert flag == "--variants" and spec == "own:fused_swiglu=on+optimizer.name=adamw_8bit"
+    assert bench_command.harness_variant(["train.profile.host_ops=false"]) == []
+    ((_, overrides),) = bench.parse_variants(spec)
+    cfg = bench.ftpipe_cfg(bench.CASES["llama1b_lora_ckpt"], overrides)
+    assert cfg["train"]["speed"]["fused_swiglu"] == "on" and cfg["optimizer"]["name"] == "adamw_8bit"
+    assert cfg["train"]["speed"]["checkpointing"] == "offload" and cfg["optimizer"]["lr"] == 2e-4
