@@ -5,6 +5,7 @@
 #   SPECS="lora@train.profile.host_ops=false lora_offload@train.profile.memory=true" bash scripts/device/profile_cases.sh
 # Each spec is a bench_command.py case with overrides (profiled: 5 steps from step 20 of 30 unless it says).
 # Results: $OUT/NAME_summary.json, $OUT/NAME_memory_peak.json, $OUT/NAME.log, $OUT/guard.json.
+# TRACES=1 also brings back $OUT/NAME_trace.json.gz, for `python scripts/trace_gaps.py` (why the GPU idled).
 set -uo pipefail
 export WHEELS=${WHEELS:-.whl_bench}
 source scripts/device/setup.sh
@@ -18,6 +19,7 @@ for spec in ${SPECS:?}; do
     for f in summary.json memory_peak.json; do
         find /tmp/prof/$name/cache -name $f -path '*profile*' -exec cp {} $OUT/${name}_$f \;
     done
+    [ -n "${TRACES-}" ] && find /tmp/prof/$name/cache -name trace.json.gz -path '*profile*' -exec cp {} $OUT/${name}_trace.json.gz \;
     grep -h "^${spec%%@*}.*: {" $OUT/$name.log | cut -c1-400
     python3 -c "
 import json, sys

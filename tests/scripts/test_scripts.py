@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -183,3 +184,49 @@ def test_the_harness_of_a_case_with_its_own_overrides_runs_the_same_levers_and_o
     cfg = bench.ftpipe_cfg(bench.CASES["llama1b_lora_ckpt"], overrides)
     assert cfg["train"]["speed"]["fused_swiglu"] == "on" and cfg["optimizer"]["name"] == "adamw_8bit"
     assert cfg["train"]["speed"]["checkpointing"] == "offload" and cfg["optimizer"]["lr"] == 2e-4
+
+
+def test_trace_gaps_tells_a_gap_the_host_caused_from_one_it_did_not(tmp_path):
+    def kernel(name: str, ts: float, dur: float, corr: int) -> dict:
+        return {"cat": "kernel", "name": name, "ts": ts, "dur": dur, "tid": 7, "args": {"correlation": corr}}
+
+    def launch(ts: float, corr: int) -> dict:
+        return {
+            "cat": "cuda_runtime",
+            "name": "cudaLaunchKernel",
+            "ts": ts,
+            "dur": 5,
+            "tid": 1,
+            "args": {"correlation": corr},
+        }
+
+    events = [
+        # step 0: the matmul after the gather is launched 300 us after the gather ends: a 400 us gap, host-bound
+        kernel("vectorized_gather_kernel", 0, 100, 1),
+        launch(0, 1),
+        kernel("mm", 500, 100, 2),
+        launch(400, 2),
+        kernel("liger_cross_entropy_kernel", 600, 50, 3),
+        launch(50, 3),
+        # backward: launched long before, it waits 200 us (on a copy, say)
+        kernel("mm_bwd", 850, 100, 4),
+        launch(60, 4),
+        # step 1: no gap at all
+        kernel("vectorized_gather_kernel", 950, 100, 5),
+        launch(70, 5),
+        kernel("liger_cross_entropy_kernel", 1050, 50, 6),
+        launch(80, 6),
+        kernel("copy", 100, 900, 9)
+        | {"tid": 13},  # a side stream's copy does not fill the compute stream's gaps
+    ]
+    trace = tmp_path / "trace.json.gz"
+    with gzip.open(trace, "wt") as fh:
+        json.dump({"traceEvents": events}, fh)
+    done = _run([sys.executable, str(SCRIPTS / "trace_gaps.py"), str(trace)], tmp_path)
+    assert done.returncode == 0, done.stderr
+    mean = json.loads(done.stdout.splitlines()[-1])
+    assert mean["steps"] == 2
+    first = done.stdout.splitlines()[0]
+    assert "forward_host_bound 0.4" in first and "backward_waiting 0.2" in first, first
+    assert mean["mean"]["forward_waiting"] == 0 and mean["mean"]["backward_host_bound"] == 0
+    assert mean["mean"]["forward_host_bound"] == 0.2 and mean["mean"]["backward_waiting"] == 0.1
