@@ -84,9 +84,10 @@ def main(spec_path: str) -> None:
         os.replace(partial, job.out / METRICS)
     import torch.distributed as dist
 
-    if dist.is_initialized():  # left to interpreter exit, gloo/DeepSpeed threads can abort the rank
-        # and torn down while another rank still writes its outputs, gloo aborted a rank ("terminate called
-        # without an active exception", once in a CPU suite): every rank leaves the group together
+    if dist.is_initialized():
+        # Left to interpreter exit, gloo/DeepSpeed threads can abort the rank. Torn down while another rank
+        # still wrote its outputs, gloo once aborted one ("terminate called without an active exception"), so
+        # every rank leaves the group together.
         dist.barrier()
         dist.destroy_process_group()
 
