@@ -187,38 +187,37 @@ def test_the_harness_of_a_case_with_its_own_overrides_runs_the_same_levers_and_o
 
 
 def test_trace_gaps_tells_a_gap_the_host_caused_from_one_it_did_not(tmp_path):
-    def kernel(name: str, ts: float, dur: float, corr: int) -> dict:
-        return {"cat": "kernel", "name": name, "ts": ts, "dur": dur, "tid": 7, "args": {"correlation": corr}}
-
-    def launch(ts: float, corr: int) -> dict:
-        return {
-            "cat": "cuda_runtime",
-            "name": "cudaLaunchKernel",
-            "ts": ts,
-            "dur": 5,
-            "tid": 1,
-            "args": {"correlation": corr},
-        }
-
-    events = [
-        # step 0: the matmul after the gather is launched 300 us after the gather ends: a 400 us gap, host-bound
-        kernel("vectorized_gather_kernel", 0, 100, 1),
-        launch(0, 1),
-        kernel("mm", 500, 100, 2),
-        launch(400, 2),
-        kernel("liger_cross_entropy_kernel", 600, 50, 3),
-        launch(50, 3),
+    # (kernel, start us, duration us, when the host launched it) on the compute stream
+    compute = [
+        # step 0: the matmul is launched 300 us after the gather ends: a 400 us gap, host-bound
+        ("vectorized_gather_kernel", 0, 100, 0),
+        ("mm", 500, 100, 400),
+        ("liger_cross_entropy_kernel", 600, 50, 50),
         # backward: launched long before, it waits 200 us (on a copy, say)
-        kernel("mm_bwd", 850, 100, 4),
-        launch(60, 4),
+        ("mm_bwd", 850, 100, 60),
         # step 1: no gap at all
-        kernel("vectorized_gather_kernel", 950, 100, 5),
-        launch(70, 5),
-        kernel("liger_cross_entropy_kernel", 1050, 50, 6),
-        launch(80, 6),
-        kernel("copy", 100, 900, 9)
-        | {"tid": 13},  # a side stream's copy does not fill the compute stream's gaps
+        ("vectorized_gather_kernel", 950, 100, 70),
+        ("liger_cross_entropy_kernel", 1050, 50, 80),
     ]
+    events = []
+    for corr, (name, ts, dur, at) in enumerate(compute):
+        events.append(
+            {"cat": "kernel", "name": name, "ts": ts, "dur": dur, "tid": 7, "args": {"correlation": corr}}
+        )
+        events.append(
+            {
+                "cat": "cuda_runtime",
+                "name": "cudaLaunchKernel",
+                "ts": at,
+                "dur": 5,
+                "tid": 1,
+                "args": {"correlation": corr},
+            }
+        )
+    # a side stream's copy does not fill the compute stream's gaps
+    events.append(
+        {"cat": "kernel", "name": "copy", "ts": 100, "dur": 900, "tid": 13, "args": {"correlation": 99}}
+    )
     trace = tmp_path / "trace.json.gz"
     with gzip.open(trace, "wt") as fh:
         json.dump({"traceEvents": events}, fh)
