@@ -106,6 +106,9 @@ class SpeedConfig:
     # auto | sdpa | docs | varlen | flex: per-document causal attention on packed rows (auto: varlen on CUDA,
     # docs on CPU; sdpa = transformers' dense per-document mask)
     attention: str = "auto"
+    # auto | fa2 | fa4: the kernel of varlen attention: FlashAttention-2 inside torch, or flash-attn-4's (the
+    # optional `ftpipe[fa4]`, GPUs of compute capability 9.0+; speed/fa4.py); auto = fa2
+    attention_kernel: str = "auto"
     # auto | liger | torch | off: linear + cross-entropy without the full logits (auto: liger or torch on CUDA,
     # off on CPU); off = the answer-only loss (the model's LM head only where a label is trained)
     fused_ce: str = "auto"
@@ -262,6 +265,7 @@ _CHOICES = {
     "train.precision": {"auto", "bf16", "fp16", "fp32"},
     "optimizer.scheduler": {"cosine", "linear", "constant"},
     "train.speed.attention": {"auto", "sdpa", "docs", "varlen", "flex"},
+    "train.speed.attention_kernel": {"auto", "fa2", "fa4"},
     "train.speed.fused_ce": {"auto", "liger", "torch", "off"},
     "train.speed.compile": {"auto", "on", "off"},
     "train.speed.fused_lora": {"auto", "on", "off"},

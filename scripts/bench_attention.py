@@ -8,7 +8,8 @@ in TFLOP/s (causal FLOPs: 2 * L^2 * heads * head_dim forward, 2.5x that for the 
 Shapes are query heads x KV heads x head dim (Llama-3.2-1B: 32x8x64; Llama-3.1-8B: 32x8x128; Qwen2.5-7B:
 28x4x128). `--packed ROWSxLEN`: packed rows of documents of 700-7,000 tokens (bench_command.py's corpus) cut at
 row ends, as varlen FlashAttention-2 (what ftpipe runs) against cuDNN's ragged (THD) attention over the same
-boundaries, with cuDNN's output and gradients checked against FA2's.
+boundaries, with cuDNN's output and gradients checked against FA2's. Where `flash_attn.cute` (flash-attn-4's
+CuTe DSL kernels) imports, its kernels run too (`fa4_*`), with the time of their first call (the JIT compile).
 """
 
 from __future__ import annotations
@@ -42,6 +43,28 @@ def timed(fn: Callable[[], torch.Tensor], backward: bool, repeats: int = 3) -> f
     return (time.perf_counter() - began) / repeats
 
 
+def _fa4() -> object | None:
+    try:
+        import flash_attn.cute as fa4
+    except Exception as exc:  # not installed, or its CUDA libraries do not load here
+        print(json.dumps({"fa4": f"unavailable: {type(exc).__name__}: {exc}"[:300]}), flush=True)
+        return None
+    return fa4
+
+
+def _first(result: torch.Tensor | tuple) -> torch.Tensor:
+    return result[0] if isinstance(result, tuple) else result
+
+
+def first_call_seconds(fn: Callable[[], torch.Tensor]) -> float:
+    """The first forward + backward: for a JIT-compiled kernel, its compile (or its load from a cache)."""
+    began = time.perf_counter()
+    out = fn()
+    out.backward(torch.ones_like(out))
+    torch.cuda.synchronize()
+    return time.perf_counter() - began
+
+
 def kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
     """q [L, H, D], k/v [L, Hkv, D] -> each kernel's call."""
     length, heads, _ = q.shape
@@ -71,6 +94,9 @@ def kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, Call
             return F.scaled_dot_product_attention(q4, kg, vg, is_causal=True, enable_gqa=True)
 
     out["sdpa_cudnn_gqa"] = cudnn_gqa
+    fa4 = _fa4()
+    if fa4 is not None:
+        out["fa4_dense_gqa"] = lambda: _first(fa4.flash_attn_func(q[None], k[None], v[None], causal=True))
     return out
 
 
@@ -125,7 +151,7 @@ def packed_boundaries(rows: int, row_len: int, seed: int = 0) -> list[int]:
     return cu
 
 
-def packed(rows: int, row_len: int, shape: str) -> list[dict]:
+def packed(rows: int, row_len: int, shape: str, skip_cudnn: bool = False) -> list[dict]:
     """varlen FA2 (K/V repeated, as ftpipe on torch 2.11) against cuDNN ragged attention (GQA native and repeated)
     on the same packed boundaries: forward + backward time, and cuDNN's error against FA2."""
     from torch.nn.attention.varlen import varlen_attn
@@ -160,13 +186,34 @@ def packed(rows: int, row_len: int, shape: str) -> list[dict]:
     flops = sum(2 * n * n * heads * dim for n in docs)  # causal forward, per document
     results, ref = [], None
     grad_out = torch.randn(total, heads, dim, device="cuda", dtype=torch.bfloat16)
-    for name, fn in (
-        ("varlen_fa2", fa2),
-        ("cudnn_ragged_gqa", cudnn(False)),
-        ("cudnn_ragged_repeat", cudnn(True)),
-    ):
+    candidates: list[tuple[str, Callable[[], torch.Tensor]]] = [("varlen_fa2", fa2)]
+    fa4 = _fa4()
+    if fa4 is not None:
+
+        def fa4_varlen() -> torch.Tensor:
+            return _first(
+                fa4.flash_attn_varlen_func(
+                    q,
+                    k,
+                    v,
+                    cu_seqlens_q=cu,
+                    cu_seqlens_k=cu,
+                    max_seqlen_q=max_len,
+                    max_seqlen_k=max_len,
+                    softmax_scale=scale,
+                    causal=True,
+                )
+            )
+
+        candidates.append(("fa4_varlen_gqa", fa4_varlen))
+    if not skip_cudnn:
+        candidates += [("cudnn_ragged_gqa", cudnn(False)), ("cudnn_ragged_repeat", cudnn(True))]
+    for name, fn in candidates:
         row: dict = {"shape": shape, "rows": rows, "row_len": row_len, "documents": len(docs), "kernel": name}
         try:
+            if name.startswith("fa4"):
+                row["first_call_s"] = round(first_call_seconds(fn), 2)
+                q.grad = k.grad = v.grad = None
             fwd = timed(lambda fn=fn: fn().detach(), backward=False, repeats=20)
             both = timed(fn, backward=True, repeats=20)
             row.update(
@@ -198,13 +245,19 @@ def main() -> int:
     p.add_argument("--lengths", default="32768,131072")
     p.add_argument("--shapes", default="32x8x64,32x8x128")
     p.add_argument("--packed", default=None, help="ROWSxLEN: packed rows instead of one long document")
+    p.add_argument(
+        "--only", help="kernel name prefixes to run (one long document), e.g. varlen_fa2,sdpa_cudnn,fa4"
+    )
+    p.add_argument(
+        "--no-cudnn-ragged", action="store_true", help="packed rows: skip cuDNN's ragged path (c16)"
+    )
     p.add_argument("--json")
     ns = p.parse_args()
     results = []
     if ns.packed:
         rows, row_len = (int(x) for x in ns.packed.split("x"))
         for shape in ns.shapes.split(","):
-            results += packed(rows, row_len, shape)
+            results += packed(rows, row_len, shape, skip_cudnn=ns.no_cudnn_ragged)
         if ns.json:
             Path(ns.json).write_text(json.dumps(results, indent=1))
         return 0
@@ -218,7 +271,12 @@ def main() -> int:
             flops = 2 * length * length * heads * dim  # causal forward
             for name, fn in kernels(q, k, v).items():
                 row = {"shape": shape, "length": length, "kernel": name}
+                if ns.only and not any(name.startswith(o) for o in ns.only.split(",")):
+                    continue
                 try:
+                    if name.startswith("fa4"):
+                        row["first_call_s"] = round(first_call_seconds(fn), 2)
+                        q.grad = k.grad = v.grad = None
                     fwd = timed(lambda fn=fn: fn().detach(), backward=False)
                     both = timed(fn, backward=True)
                     row.update(

@@ -103,11 +103,14 @@ def optimizer_arguments(opt: dict[str, Any], device: str) -> dict[str, Any]:
 def build_env(build_dir: Path) -> dict[str, str]:
     """Where what is compiled on first use is kept, per cache rather than per run or in /tmp: DeepSpeed's ops
     (minutes to build) and torch.compile's artefacts (inductor's FX graphs, AOTAutograd's graphs, Triton
-    kernels, autotuning results). With these a second run of the same shapes compiles nothing: on the CPU a
-    tiny model's first step went from 44 s to 4.6 s, and docs/performance.md has the GPU figures."""
+    kernels, autotuning results), and flash-attn-4's JIT-compiled kernels where it is installed (speed/fa4.py).
+    With these a second run of the same shapes compiles nothing: on the CPU a tiny model's first step went from
+    44 s to 4.6 s, and docs/performance.md has the GPU figures."""
     return {
         "TORCH_EXTENSIONS_DIR": str(build_dir / "torch_extensions"),
         "TORCHINDUCTOR_CACHE_DIR": str(build_dir / "inductor"),
+        "FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED": "1",
+        "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR": str(build_dir / "fa4"),
     }
 
 

@@ -9,7 +9,8 @@ implementations attend causally inside each document only, without a dense (toke
   function, so anything that is not packed training (generation with a KV cache, padded batches, eval mode)
   falls back to plain sdpa with the mask transformers built.
 - `ftpipe_varlen` (CUDA default): `torch.nn.attention.varlen.varlen_attn` (FlashAttention-2 varlen kernel
-  inside PyTorch), reading the boundaries from `cu_seq_lens_q` (the collator's, or `PackedBoundaries`').
+  inside PyTorch), reading the boundaries from `cu_seq_lens_q` (the collator's, or `PackedBoundaries`'); or
+  flash-attn-4's kernel for the same boundaries (`ftpipe_varlen_fa4`, fa4.py).
 - `ftpipe_flex`: `flex_attention` with a document-causal `BlockMask`.
 
 The last two are not in transformers' mask interface, so the model passes `attention_mask=None` to them.
@@ -18,6 +19,7 @@ The last two are not in transformers' mask interface, so the model passes `atten
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,11 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...data import boundaries
-from . import checkpointing
+from . import checkpointing, fa4
 from .policy import Levers
 from .stack import decoder_stack
 
 VARLEN = "ftpipe_varlen"
+VARLEN_FA4 = "ftpipe_varlen_fa4"
 FLEX = "ftpipe_flex"
 
 
@@ -62,6 +65,8 @@ def varlen_attention_forward(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
+    *,
+    kernel: str = "fa2",
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: query [B, H, T, D], key/value [B, Hkv, T, D] -> [B, T, H, D]."""
@@ -75,10 +80,12 @@ def varlen_attention_forward(
     if b == 1 and cu.shape[0] == 2 and t >= LONG_DOCUMENT:  # the row is one document (a shape: no sync)
         return _one_long_document(query, key, value, scaling), None
     hkv = key.shape[1]
-    fn, causal, has_gqa_flag = _varlen_fn()
     q = query.transpose(1, 2).reshape(b * t, h, d)
     k = key.transpose(1, 2).reshape(b * t, hkv, d)
     v = value.transpose(1, 2).reshape(b * t, hkv, d)
+    if kernel == "fa4":  # 16-bit q/k/v as the model computes them (fa4 is chosen only for bf16/fp16 runs)
+        return fa4.varlen_attention(q, k, v, cu, max_len, scaling).view(b, t, h, d), None
+    fn, causal, has_gqa_flag = _varlen_fn()
     extra: dict[str, Any] = {}
     if hkv != h and has_gqa_flag:
         extra["enable_gqa"] = True
@@ -236,6 +243,7 @@ def register() -> str:
     from transformers import AttentionInterface
 
     AttentionInterface.register(VARLEN, varlen_attention_forward)
+    AttentionInterface.register(VARLEN_FA4, functools.partial(varlen_attention_forward, kernel="fa4"))
     AttentionInterface.register(FLEX, flex_attention_forward)
     return register_docs()
 
@@ -247,7 +255,7 @@ def attention_for_generation(model: torch.nn.Module) -> Iterator[None]:
     for its duration. Other implementations already handle decoding themselves (ftpipe_docs falls back)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     impl = base.config._attn_implementation
-    if impl not in (VARLEN, FLEX):
+    if impl not in (VARLEN, VARLEN_FA4, FLEX):
         yield
         return
     base.set_attn_implementation("sdpa")
@@ -271,7 +279,7 @@ class PackedBoundaries:
         position_ids = kwargs.get("position_ids")
         if position_ids is None or kwargs.get("past_key_values") is not None:
             return args, kwargs
-        if self.attention == VARLEN:
+        if self.attention in (VARLEN, VARLEN_FA4):
             cu = kwargs.get("cu_seq_lens_q")
             if cu is None:  # not given by the collator: one host sync here, once per forward
                 cu, longest = boundaries.cu_seqlens(position_ids)
@@ -382,6 +390,8 @@ def register_docs() -> str:
 
 def attn_implementation(levers: Levers) -> str:
     """transformers' `attn_implementation` name for the resolved `train.speed.attention`."""
+    if levers.attention == "varlen" and levers.attention_kernel == "fa4":
+        return VARLEN_FA4
     return {"varlen": VARLEN, "flex": FLEX, "docs": DOCS}.get(levers.attention, "sdpa")
 
 

@@ -11,6 +11,9 @@ from typing import Any
 
 import torch
 
+from ...errors import FtpipeError
+from . import fa4
+
 log = logging.getLogger("ftpipe")
 
 
@@ -28,6 +31,9 @@ class Levers:
     frozen_prefix: bool = False
     mlp_chunk_tokens: int = 0  # 0: the plain MLP
     fused_swiglu: bool = False
+    attention_kernel: str = (
+        "fa2"  # fa2 | fa4: varlen's kernel (FlashAttention-2 inside torch, or flash-attn-4)
+    )
 
 
 # Micro-batches of this many tokens or more checkpoint their layers by default on CUDA (offloaded): without it
@@ -63,6 +69,13 @@ def resolve(
     attention = pick("attention", "varlen" if varlen_ok else ("sdpa" if cuda else "docs"))
     if attention == "varlen" and not varlen_ok:
         attention = "sdpa"
+    attention_kernel = pick("attention_kernel", "fa2")
+    if attention_kernel == "fa4" and not (attention == "varlen" and fa4.usable(device)):
+        raise FtpipeError(
+            "train.speed.attention_kernel=fa4 needs train.speed.attention=varlen, a GPU of compute capability 9.0 "
+            f"or newer and the flash-attn-4 package (pip install 'ftpipe[fa4]'); here: attention={attention}, "
+            f"device={device}, flash-attn-4: {fa4.missing() or 'imports'}"
+        )
     fused_ce = pick("fused_ce", ("liger" if liger_available() else "torch") if cuda else "off")
     if fused_ce == "liger" and not (cuda and liger_available()):
         fused_ce = "torch"
@@ -101,6 +114,7 @@ def resolve(
     return Levers(
         device=kind,
         attention=attention,
+        attention_kernel=attention_kernel,
         fused_ce=fused_ce,
         compile=compile_on,
         fused_lora=fused_lora,
