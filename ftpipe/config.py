@@ -107,7 +107,7 @@ class SpeedConfig:
     # docs on CPU; sdpa = transformers' dense per-document mask)
     attention: str = "auto"
     # auto | fa2 | fa4: the kernel of varlen attention: FlashAttention-2 inside torch, or flash-attn-4's (the
-    # optional `ftpipe[fa4]`, GPUs of compute capability 9.0+; speed/fa4.py); auto = fa2
+    # optional `ftpipe[fa4]`, GPUs of compute capability 9.0+; speed/fa4.py); auto = fa4 where it imports
     attention_kernel: str = "auto"
     # auto | liger | torch | off: linear + cross-entropy without the full logits (auto: liger or torch on CUDA,
     # off on CPU); off = the answer-only loss (the model's LM head only where a label is trained)

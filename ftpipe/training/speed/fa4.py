@@ -1,7 +1,7 @@
 """FlashAttention-4's kernels (the optional `flash-attn-4` package: CuTe DSL, Hopper and newer) for packed rows.
 
-`train.speed.attention_kernel=fa4` runs the varlen attention of `attention.py` through them instead of the
-FlashAttention-2 kernel inside PyTorch. They are JIT-compiled at their first call; `fit.build_env` keeps the
+With `train.speed.attention_kernel=fa4` (the CUDA default where the package imports) the varlen attention of
+`attention.py` runs through them instead of the FlashAttention-2 kernel inside PyTorch. They are JIT-compiled at their first call; `fit.build_env` keeps the
 compiled kernels under the ftpipe cache, so a second run loads them instead (the warm start, issue 18).
 
 The forward and the backward are opaque operators (`ftpipe::fa4_varlen_fwd` / `_bwd`) so that compiled decoder
