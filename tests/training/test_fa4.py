@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ftpipe.errors import FtpipeError
@@ -72,3 +73,46 @@ def test_fa4_varlen_matches_flash_attention_2(compiled: bool) -> None:
     want_grads = torch.autograd.grad(want, (q, k, v), grad)
     for a, b in zip((got, *got_grads), (want, *want_grads), strict=True):
         assert float((a.float() - b.float()).norm() / b.float().norm()) < 2e-2
+
+
+def test_fa4_attention_gets_packed_tokens_and_grouped_heads_and_its_output_is_laid_out_back(
+    monkeypatch,
+) -> None:
+    """The layout around the kernel, on the CPU: transformers' [B, H, T, D] in, flash-attn-4's [T, H, D] with
+    K/V heads not repeated, [B, T, H, D] out; a stand-in kernel attends per document with sdpa."""
+    seen = {}
+
+    def per_document(q, k, v, cu, max_len, scale):
+        seen.update(q=q.shape, k=k.shape, max_len=max_len)
+        rep = q.shape[1] // k.shape[1]
+        out = torch.empty_like(q)
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+            qi, ki, vi = (t[a:b].transpose(0, 1) for t in (q, k, v))
+            ki, vi = ki.repeat_interleave(rep, 0), vi.repeat_interleave(rep, 0)
+            out[a:b] = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale).transpose(0, 1)
+        return out
+
+    monkeypatch.setattr(fa4, "varlen_attention", per_document)
+    torch.manual_seed(0)
+    lengths = [5, 17, 10]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    q = torch.randn(1, 4, 32, 16)
+    k, v = torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 16)
+    got, _ = attn.varlen_attention_forward(
+        None, q, k, v, None, scaling=0.25, kernel="fa4", position_ids=positions
+    )
+    assert seen == {"q": (32, 4, 16), "k": (32, 2, 16), "max_len": 17}
+    want = torch.cat(
+        [
+            F.scaled_dot_product_attention(
+                q[:, :, a:b],
+                k[:, :, a:b].repeat_interleave(2, 1),
+                v[:, :, a:b].repeat_interleave(2, 1),
+                is_causal=True,
+                scale=0.25,
+            )
+            for a, b in ((0, 5), (5, 22), (22, 32))
+        ],
+        dim=2,
+    ).transpose(1, 2)
+    torch.testing.assert_close(got, want)

@@ -83,8 +83,14 @@ def varlen_attention_forward(
     q = query.transpose(1, 2).reshape(b * t, h, d)
     k = key.transpose(1, 2).reshape(b * t, hkv, d)
     v = value.transpose(1, 2).reshape(b * t, hkv, d)
-    if kernel == "fa4":  # 16-bit q/k/v as the model computes them (fa4 is chosen only for bf16/fp16 runs)
-        return fa4.varlen_attention(q, k, v, cu, max_len, scaling).view(b, t, h, d), None
+    dtype = q.dtype
+    if dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
+        # fp32 weights under bf16 autocast (full fine-tuning) can hand over fp32 q/k/v (RoPE computes in fp32);
+        # the FlashAttention kernels take 16-bit inputs only, as autocast would give sdpa
+        half = torch.get_autocast_dtype("cuda")
+        q, k, v = q.to(half), k.to(half), v.to(half)
+    if kernel == "fa4":  # grouped K/V heads as they are
+        return fa4.varlen_attention(q, k, v, cu, max_len, scaling).view(b, t, h, d).to(dtype), None
     fn, causal, has_gqa_flag = _varlen_fn()
     extra: dict[str, Any] = {}
     if hkv != h and has_gqa_flag:
@@ -93,12 +99,6 @@ def varlen_attention_forward(
         # The wrapper would reject or mis-handle grouped heads: repeat K/V (costs memory, always correct).
         k = k.repeat_interleave(h // hkv, dim=1)
         v = v.repeat_interleave(h // hkv, dim=1)
-    dtype = q.dtype
-    if dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
-        # fp32 weights under bf16 autocast (full fine-tuning) can hand over fp32 q/k/v (RoPE computes in fp32);
-        # the FlashAttention kernel takes 16-bit inputs only, as autocast would give sdpa
-        half = torch.get_autocast_dtype("cuda")
-        q, k, v = q.to(half), k.to(half), v.to(half)
     out = fn(q, k, v, cu, cu, max_len, max_len, scale=scaling, **causal, **extra)
     return out.view(b, t, h, d).to(dtype), None
 

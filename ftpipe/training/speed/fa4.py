@@ -1,8 +1,9 @@
 """FlashAttention-4's kernels (the optional `flash-attn-4` package: CuTe DSL, Hopper and newer) for packed rows.
 
 With `train.speed.attention_kernel=fa4` (the CUDA default where the package imports) the varlen attention of
-`attention.py` runs through them instead of the FlashAttention-2 kernel inside PyTorch. They are JIT-compiled at their first call; `fit.build_env` keeps the
-compiled kernels under the ftpipe cache, so a second run loads them instead (the warm start, issue 18).
+`attention.py` runs through them instead of the FlashAttention-2 kernel inside PyTorch. They are JIT-compiled
+at their first call; `fit.build_env` keeps the compiled kernels under the ftpipe cache, so a second run loads
+them instead (the warm start, issue 18).
 
 The forward and the backward are opaque operators (`ftpipe::fa4_varlen_fwd` / `_bwd`) so that compiled decoder
 layers call them as they call torch's own varlen operator, without tracing into the DSL's Python.
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+_MISSING: str | None = None  # "" once flash_attn.cute imported here
 
 
 def missing() -> str | None:
@@ -25,9 +28,6 @@ def missing() -> str | None:
         else:
             _MISSING = ""
     return _MISSING or None
-
-
-_MISSING: str | None = None
 
 
 def usable(device: torch.device | str) -> bool:
