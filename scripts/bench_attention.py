@@ -189,21 +189,10 @@ def packed(rows: int, row_len: int, shape: str, skip_cudnn: bool = False) -> lis
     candidates: list[tuple[str, Callable[[], torch.Tensor]]] = [("varlen_fa2", fa2)]
     fa4 = _fa4()
     if fa4 is not None:
+        from ftpipe.training.speed.fa4 import varlen_attention  # what ftpipe runs: its operator
 
         def fa4_varlen() -> torch.Tensor:
-            return _first(
-                fa4.flash_attn_varlen_func(
-                    q,
-                    k,
-                    v,
-                    cu_seqlens_q=cu,
-                    cu_seqlens_k=cu,
-                    max_seqlen_q=max_len,
-                    max_seqlen_k=max_len,
-                    softmax_scale=scale,
-                    causal=True,
-                )
-            )
+            return varlen_attention(q, k, v, cu, max_len, scale)
 
         candidates.append(("fa4_varlen_gqa", fa4_varlen))
     if not skip_cudnn:
