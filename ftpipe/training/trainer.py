@@ -50,6 +50,8 @@ class Throughput(TrainerCallback):
                     self.first_step_seconds - self.loop_began,
                     compile_cache_note(),
                 )
+                if line := graph_break_warning():
+                    log.warning(line)
 
     @staticmethod
     def steady_rate(history: list[dict[str, Any]]) -> float | None:
@@ -84,6 +86,30 @@ def compile_cache_note() -> str:
         f" ({graphs} graphs; compile cache: inductor {inductor.get('fxgraph_cache_hit', 0)} hits /"
         f" {inductor.get('fxgraph_cache_miss', 0)} misses, autograd {aot.get('autograd_cache_hit', 0)} /"
         f" {aot.get('autograd_cache_miss', 0)}{compile_seconds_note()})"
+    )
+
+
+# ftpipe's parts that run eagerly on purpose (`torch.compiler.disable`: a long document's attention, MLP chunks)
+DELIBERATE_BREAK = "Skip calling `torch.compiler.disable()`d function"
+
+
+def graph_break_warning() -> str | None:
+    """One line for the graph breaks so far other than ftpipe's deliberate ones, or None. A break costs speed
+    and memory, and can come from one torch release's dynamo alone: torch 2.11's broke every decoder layer at
+    `function.__get__`, which the CPU tests' torch traces (docs/performance.md, c32)."""
+    import sys
+
+    if "torch._dynamo" not in sys.modules:
+        return None
+    from torch._dynamo.utils import counters
+
+    breaks = {why: n for why, n in counters["graph_break"].items() if not why.startswith(DELIBERATE_BREAK)}
+    if not breaks:
+        return None
+    first = next(iter(breaks)).splitlines()[0]
+    return (
+        f"[train] the compiled layers broke their graphs {sum(breaks.values())} time(s), first at: {first}; "
+        "each break costs speed and memory (TORCH_LOGS=graph_breaks shows where)"
     )
 
 
