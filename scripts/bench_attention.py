@@ -56,13 +56,17 @@ def _first(result: torch.Tensor | tuple) -> torch.Tensor:
     return result[0] if isinstance(result, tuple) else result
 
 
-def first_call_seconds(fn: Callable[[], torch.Tensor]) -> float:
-    """The first forward + backward: for a JIT-compiled kernel, its compile (or its load from a cache)."""
+def first_call_seconds(fn: Callable[[], torch.Tensor], *inputs: torch.Tensor) -> float:
+    """The first forward + backward: for a JIT-compiled kernel, its compile (or its load from a cache). The
+    inputs' gradients are cleared after it."""
     began = time.perf_counter()
     out = fn()
     out.backward(torch.ones_like(out))
     torch.cuda.synchronize()
-    return time.perf_counter() - began
+    seconds = time.perf_counter() - began
+    for t in inputs:
+        t.grad = None
+    return round(seconds, 2)
 
 
 def kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
@@ -201,8 +205,7 @@ def packed(rows: int, row_len: int, shape: str, skip_cudnn: bool = False) -> lis
         row: dict = {"shape": shape, "rows": rows, "row_len": row_len, "documents": len(docs), "kernel": name}
         try:
             if name.startswith("fa4"):
-                row["first_call_s"] = round(first_call_seconds(fn), 2)
-                q.grad = k.grad = v.grad = None
+                row["first_call_s"] = first_call_seconds(fn, q, k, v)
             fwd = timed(lambda fn=fn: fn().detach(), backward=False, repeats=20)
             both = timed(fn, backward=True, repeats=20)
             row.update(
@@ -264,8 +267,7 @@ def main() -> int:
                     continue
                 try:
                     if name.startswith("fa4"):
-                        row["first_call_s"] = round(first_call_seconds(fn), 2)
-                        q.grad = k.grad = v.grad = None
+                        row["first_call_s"] = first_call_seconds(fn, q, k, v)
                     fwd = timed(lambda fn=fn: fn().detach(), backward=False)
                     both = timed(fn, backward=True)
                     row.update(

@@ -31,9 +31,8 @@ class Levers:
     frozen_prefix: bool = False
     mlp_chunk_tokens: int = 0  # 0: the plain MLP
     fused_swiglu: bool = False
-    attention_kernel: str = (
-        "fa2"  # fa2 | fa4: varlen's kernel (FlashAttention-2 inside torch, or flash-attn-4)
-    )
+    # fa2 | fa4: varlen's kernel (FlashAttention-2 inside torch, or flash-attn-4)
+    attention_kernel: str = "fa2"
 
 
 # Micro-batches of this many tokens or more checkpoint their layers by default on CUDA (offloaded): without it
