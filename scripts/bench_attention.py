@@ -98,9 +98,14 @@ def kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, Call
             return F.scaled_dot_product_attention(q4, kg, vg, is_causal=True, enable_gqa=True)
 
     out["sdpa_cudnn_gqa"] = cudnn_gqa
+    # what the train stage runs for a row that is one document (attention._one_long_document, [1, H, T, D] in)
+    from ftpipe.training.speed.attention import _one_long_document
+
+    out["ftpipe_long_cudnn"] = lambda: _one_long_document(q4, kg, vg, None, "fa2")
     fa4 = _fa4()
     if fa4 is not None:
         out["fa4_dense_gqa"] = lambda: _first(fa4.flash_attn_func(q[None], k[None], v[None], causal=True))
+        out["ftpipe_long_fa4"] = lambda: _one_long_document(q4, kg, vg, None, "fa4")
     return out
 
 
@@ -238,7 +243,8 @@ def main() -> int:
     p.add_argument("--shapes", default="32x8x64,32x8x128")
     p.add_argument("--packed", default=None, help="ROWSxLEN: packed rows instead of one long document")
     p.add_argument(
-        "--only", help="kernel name prefixes to run (one long document), e.g. varlen_fa2,sdpa_cudnn,fa4"
+        "--only",
+        help="kernel name prefixes to run (one long document), e.g. varlen_fa2,sdpa_cudnn,fa4,ftpipe_long",
     )
     p.add_argument(
         "--no-cudnn-ragged", action="store_true", help="packed rows: skip cuDNN's ragged path (c16)"
@@ -266,7 +272,7 @@ def main() -> int:
                 if ns.only and not any(name.startswith(o) for o in ns.only.split(",")):
                     continue
                 try:
-                    if name.startswith("fa4"):
+                    if "fa4" in name:
                         row["first_call_s"] = first_call_seconds(fn, q, k, v)
                     fwd = timed(lambda fn=fn: fn().detach(), backward=False)
                     both = timed(fn, backward=True)

@@ -17,7 +17,7 @@ from ftpipe.data.labels import IGNORE_INDEX
 from ftpipe.training import speed
 from ftpipe.training.collator import PackedCollator
 from ftpipe.training.speed import attention as attn
-from ftpipe.training.speed import mlp_chunks, swiglu
+from ftpipe.training.speed import fa4, mlp_chunks, swiglu
 from ftpipe.training.speed.host_embedding import HostEmbedding
 from ftpipe.training.speed.lora import cast_adapters, fuse_lora
 from ftpipe.training.speed.lora_ops import lora_linear
@@ -693,7 +693,7 @@ def test_a_row_that_is_one_long_document_takes_the_single_document_kernel(monkey
     calls: list[str] = []
     monkeypatch.setattr(attn, "LONG_DOCUMENT", 32)
     monkeypatch.setattr(
-        attn, "_one_long_document", lambda q, k, v, s: calls.append("one") or q.transpose(1, 2)
+        attn, "_one_long_document", lambda q, k, v, s, kernel: calls.append("one") or q.transpose(1, 2)
     )
 
     def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kw):
@@ -711,33 +711,75 @@ def test_a_row_that_is_one_long_document_takes_the_single_document_kernel(monkey
     assert calls == ["one", "varlen", "varlen"]
 
 
-CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))
+GPU_FA4 = torch.cuda.is_available() and fa4.usable("cuda")
 
 
-@pytest.mark.parametrize("device", ["cpu", CUDA])
-def test_offloaded_checkpoint_replays_the_kept_attention_output(device: str, monkeypatch) -> None:
+def _stand_in_fa4(monkeypatch) -> None:
+    """flash-attn-4's operators replaced by plain attention over one document, in its layout (q [T, H, D], K/V
+    heads not repeated, log-sum-exp [H, T]), so its path runs on the CPU."""
+
+    def forward(q, k, v, cu, max_len, scale):
+        assert cu.tolist() == [0, q.shape[0]] and max_len == q.shape[0]
+        rep = q.shape[1] // k.shape[1]
+        qh, kh, vh = (
+            t.transpose(0, 1) for t in (q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))
+        )
+        future = torch.ones(q.shape[0], q.shape[0], dtype=torch.bool).triu(1)
+        scores = (qh @ kh.transpose(1, 2) * scale).masked_fill(future, float("-inf"))
+        return (scores.softmax(-1) @ vh).transpose(0, 1), scores.logsumexp(-1)
+
+    def backward(grad, q, k, v, out, lse, cu, max_len, scale):
+        assert out.shape == q.shape and lse.shape == (q.shape[1], q.shape[0])
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        with torch.enable_grad():
+            return torch.autograd.grad(forward(*inputs, cu, max_len, scale)[0], inputs, grad)
+
+    monkeypatch.setattr(fa4, "varlen_forward", forward)
+    monkeypatch.setattr(fa4, "varlen_backward", backward)
+
+
+@pytest.mark.parametrize(
+    ("device", "kernel"),
+    [
+        ("cpu", "fa2"),
+        ("cpu", "fa4"),
+        pytest.param(
+            "cuda", "fa2", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+        ),
+        pytest.param(
+            "cuda", "fa4", marks=pytest.mark.skipif(not GPU_FA4, reason="needs flash-attn-4, sm90+")
+        ),
+    ],
+)
+def test_offloaded_checkpoint_replays_the_kept_attention_output(
+    device: str, kernel: str, monkeypatch
+) -> None:
     """Over one long document a checkpointed layer's recompute takes the attention output kept from its first
     forward: one attention forward per layer a step instead of two, and the same loss and gradients as plain
     autograd. Over the keeper's budget a layer recomputes its attention (still the same gradients). On the GPU:
-    cuDNN's kernels, layer inputs and kept outputs parked in pinned host memory."""
+    cuDNN's or flash-attn-4's kernels, layer inputs and kept outputs parked in pinned host memory; on the CPU
+    flash-attn-4's layout runs with a stand-in kernel."""
     from ftpipe.training.speed import checkpointing as ckpt
 
     cuda = device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
+    if kernel == "fa4" and not cuda:
+        _stand_in_fa4(monkeypatch)
 
     calls: list[int] = []
-    kernel = attn._attention_kernel
-    monkeypatch.setattr(attn, "_attention_kernel", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    run_kernel = attn._attention_kernel
+    monkeypatch.setattr(attn, "_attention_kernel", lambda *a, **k: calls.append(1) or run_kernel(*a, **k))
     torch.manual_seed(0)
-    heads, dim, tokens, layers = (4, 64, 256, 3) if cuda else (4, 8, 48, 3)  # cuDNN: head dims of 64+
-    projections = [
-        torch.nn.Linear(heads * dim, 3 * heads * dim, device=device, dtype=dtype) for _ in range(layers)
-    ]
+    heads, kv_heads, dim, tokens, layers = (4, 2, 64, 256, 3) if cuda else (4, 2, 8, 48, 3)  # cuDNN: dims 64+
+    width = (heads + 2 * kv_heads) * dim
+    projections = [torch.nn.Linear(heads * dim, width, device=device, dtype=dtype) for _ in range(layers)]
     offloader = (lambda: ckpt.ActivationOffloader()) if cuda else (lambda: None)  # noqa: E731
 
     def layer(i: int, h: torch.Tensor) -> torch.Tensor:
-        q, k, v = projections[i](h).view(1, tokens, 3, heads, dim).permute(2, 0, 3, 1, 4)
-        return h + attn._one_long_document(q, k, v, dim**-0.5).reshape(1, tokens, heads * dim)
+        q, k, v = projections[i](h).view(1, tokens, -1, dim).split([heads, kv_heads, kv_heads], dim=2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        out = attn._one_long_document(q, k, v, dim**-0.5, kernel)
+        return h + out.reshape(1, tokens, heads * dim)
 
     def loss_and_grads(keeper: ckpt.AttentionKeeper | None, checkpointed: bool) -> tuple:
         for p in (p for m in projections for p in m.parameters()):
@@ -754,23 +796,63 @@ def test_offloaded_checkpoint_replays_the_kept_attention_output(device: str, mon
         loss.backward()
         return loss.detach(), [p.grad.clone() for m in projections for p in m.parameters()]
 
+    def assert_same(grads: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+        for g, ref in zip(grads, want, strict=True):
+            if kernel == "fa4" and cuda:  # its backward sums dq with atomics: not bit-reproducible
+                assert float((g.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+            else:
+                torch.testing.assert_close(g, ref)
+
     plain_loss, plain_grads = loss_and_grads(None, checkpointed=False)
     calls.clear()
     loss, grads = loss_and_grads(ckpt.AttentionKeeper(offloader(), layers, budget=10**9), checkpointed=True)
     assert len(calls) == layers  # each layer's attention ran forward once; backward used the kept output
     torch.testing.assert_close(loss, plain_loss)
-    for g, ref in zip(grads, plain_grads, strict=True):
-        torch.testing.assert_close(g, ref)
+    assert_same(grads, plain_grads)
     out_bytes = tokens * heads * dim * dtype.itemsize
     calls.clear()
     keeper = ckpt.AttentionKeeper(offloader(), layers, budget=(layers + 1) * out_bytes)
     loss, grads = loss_and_grads(keeper, checkpointed=True)
     assert len(calls) == layers + (layers - 1)  # only the first layer's output fitted the budget
-    for g, ref in zip(grads, plain_grads, strict=True):
-        torch.testing.assert_close(g, ref)
+    assert_same(grads, plain_grads)
     calls.clear()
     loss_and_grads(None, checkpointed=True)  # no keeper: every layer recomputes its attention
     assert len(calls) == 2 * layers
+
+
+def test_one_long_document_through_fa4_matches_sdpa(monkeypatch) -> None:
+    """flash-attn-4's single-document path (stand-in kernel, its layout) gives sdpa's causal attention and
+    gradients, with grouped K/V heads handed over unrepeated."""
+    _stand_in_fa4(monkeypatch)
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 40, 8, requires_grad=True)
+    k, v = (torch.randn(1, 2, 40, 8, requires_grad=True) for _ in range(2))
+    grad = torch.randn(1, 40, 4, 8)
+    got = attn._one_long_document(q, k, v, None, "fa4")
+    got_grads = torch.autograd.grad(got, (q, k, v), grad)
+    want = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True
+    ).transpose(1, 2)
+    want_grads = torch.autograd.grad(want, (q, k, v), grad)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.skipif(not GPU_FA4, reason="needs flash-attn-4 and a GPU of compute capability 9.0+")
+def test_one_long_document_fa4_matches_cudnn() -> None:
+    torch.manual_seed(0)
+    q = torch.randn(1, 8, 20000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (
+        torch.randn(1, 2, 20000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "kv"
+    )
+    grad = torch.randn(1, 20000, 8, 64, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for kernel in ("fa2", "fa4"):
+        out = attn._one_long_document(q, k, v, 0.125, kernel)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad)))
+    for a, b in zip(*results, strict=True):
+        assert float((a.float() - b.float()).norm() / b.float().norm()) < 2e-2
 
 
 class _HostParking:

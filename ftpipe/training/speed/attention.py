@@ -78,7 +78,7 @@ def varlen_attention_forward(
         cu, max_len = boundaries.cu_seqlens(kwargs["position_ids"])
     b, h, t, d = query.shape
     if b == 1 and cu.shape[0] == 2 and t >= LONG_DOCUMENT:  # the row is one document (a shape: no sync)
-        return _one_long_document(query, key, value, scaling), None
+        return _one_long_document(query, key, value, scaling, kernel), None
     hkv = key.shape[1]
     q = query.transpose(1, 2).reshape(b * t, h, d)
     k = key.transpose(1, 2).reshape(b * t, hkv, d)
@@ -103,40 +103,54 @@ def varlen_attention_forward(
     return out.view(b, t, h, d).to(dtype), None
 
 
-# A row that is a single document at least this long goes to cuDNN's fused attention instead of FlashAttention-2:
-# on an H200 1.5x its speed at head dim 64 and 1.7x at 128, forward + backward, for 32k-128k tokens
-# (scripts/bench_attention.py, docs/performance.md). Short rows stay on varlen (packed documents, no plan build).
+# A row that is a single document at least this long takes a single-document kernel instead of the packed
+# rows' varlen path: cuDNN's fused attention, on an H200 1.5x FlashAttention-2's speed at head dim 64 and 1.7x at
+# 128, forward + backward, for 32k-128k tokens; flash-attn-4's where `train.speed.attention_kernel=fa4`, 1.27x
+# cuDNN's at 128k tokens and reading grouped K/V heads without a repeat (scripts/bench_attention.py,
+# docs/performance.md). Short rows stay on varlen (packed documents, no plan build).
 LONG_DOCUMENT = 16384
 
 
 def _one_long_document(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None, kernel: str = "fa2"
 ) -> torch.Tensor:
     """Causal attention over one document: query [1, H, T, D], key/value [1, Hkv, T, D] -> [1, T, H, D]."""
     if torch.is_autocast_enabled("cuda") and query.dtype == torch.float32:  # as the varlen path: 16-bit only
         half = torch.get_autocast_dtype("cuda")
         query, key, value = query.to(half), key.to(half), value.to(half)
-    if key.shape[1] != query.shape[1]:
+    if key.shape[1] != query.shape[1] and kernel != "fa4":
         rep = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
-    return _long_document_attention(query, key, value, scaling).transpose(1, 2)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return _long_document_attention(query, key, value, scale, kernel).transpose(1, 2)
 
 
 @torch._dynamo.disable  # it hands tensors between a checkpoint's two forwards: host-side state, not a graph
 def _long_document_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, kernel: str
 ) -> torch.Tensor:
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     if not grad and not checkpointing.keeping():  # a plain no-grad forward: no log-sum-exp needed
-        return _attention_kernel(query, key, value, scaling, with_lse=False)[0]
-    return _LongDocument.apply(query, key, value, scaling, checkpointing.replayed_attention(query.device))
+        return _attention_kernel(query, key, value, scaling, kernel, with_lse=False)[0]
+    kept = checkpointing.replayed_attention(query.device)
+    return _LongDocument.apply(query, key, value, scaling, kernel, kept)
+
+
+def _tokens_first(t: torch.Tensor) -> torch.Tensor:
+    """[1, H, T, D] -> [T, H, D], flash-attn-4's varlen layout (a view where the memory order already is)."""
+    return t[0].transpose(0, 1).reshape(t.shape[2], t.shape[1], t.shape[3])
 
 
 def _attention_kernel(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None, with_lse: bool
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float, kernel: str, with_lse: bool
 ) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-    """(output, log-sum-exp, what else the backward takes): cuDNN's fused attention on the GPU, PyTorch's
-    flash kernel on the CPU."""
+    """(output [1, H, T, D], log-sum-exp, what else the backward takes): flash-attn-4's kernel (`kernel` fa4), or
+    cuDNN's fused attention on the GPU, PyTorch's flash kernel on the CPU."""
+    if kernel == "fa4":  # one document: the varlen kernel with a single span
+        tokens = query.shape[2]
+        cu = torch.tensor([0, tokens], dtype=torch.int32, device=query.device)
+        out, lse = fa4.varlen_forward(*map(_tokens_first, (query, key, value)), cu, tokens, scaling)
+        return out.transpose(0, 1)[None], lse, (cu, tokens)
     if query.device.type == "cuda":
         r = torch.ops.aten._scaled_dot_product_cudnn_attention(
             query, key, value, None, with_lse, 0.0, True, False, scale=scaling
@@ -148,45 +162,62 @@ def _attention_kernel(
     return out, lse, ()
 
 
+def _attention_kernel_backward(
+    grad: torch.Tensor,
+    saved: tuple[torch.Tensor, ...],
+    scaling: float,
+    kernel: str,
+    aux: tuple,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) shaped as the inputs, for the output gradient `grad` of `_attention_kernel`'s output."""
+    query, key, value, out, lse = saved
+    if kernel == "fa4":
+        cu, tokens = aux
+        flat = map(_tokens_first, (grad, query, key, value, out))
+        grads = fa4.varlen_backward(*flat, lse, cu, tokens, scaling)
+        return tuple(g.transpose(0, 1)[None] for g in grads)
+    if query.device.type == "cuda":
+        seed, offset, cum_q, cum_k, max_q, max_k = aux
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            grad,
+            query,
+            key,
+            value,
+            out,
+            lse,
+            seed,
+            offset,
+            None,
+            cum_q,
+            cum_k,
+            max_q,
+            max_k,
+            0.0,
+            True,
+            scale=scaling,
+        )[:3]
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad, query, key, value, out, lse, 0.0, True, scale=scaling
+    )
+
+
 class _LongDocument(torch.autograd.Function):
     """The kernel's forward (or the output kept from a checkpoint's first forward: `kept`) and its backward."""
 
     @staticmethod
-    def forward(ctx: Any, query, key, value, scaling: float | None, kept: tuple | None) -> torch.Tensor:
-        out, lse, aux = kept if kept is not None else _attention_kernel(query, key, value, scaling, True)
+    def forward(ctx: Any, query, key, value, scaling: float, kernel: str, kept: tuple | None) -> torch.Tensor:
+        out, lse, aux = (
+            kept if kept is not None else _attention_kernel(query, key, value, scaling, kernel, True)
+        )
         checkpointing.keep_attention(out, lse, aux)  # only inside an offloaded checkpoint's first forward
         ctx.save_for_backward(query, key, value, out, lse)
-        ctx.scaling, ctx.aux = scaling, aux
+        ctx.scaling, ctx.kernel, ctx.aux = scaling, kernel, aux
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        query, key, value, out, lse = ctx.saved_tensors
-        if query.device.type == "cuda":
-            seed, offset, cum_q, cum_k, max_q, max_k = ctx.aux
-            grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-                grad,
-                query,
-                key,
-                value,
-                out,
-                lse,
-                seed,
-                offset,
-                None,
-                cum_q,
-                cum_k,
-                max_q,
-                max_k,
-                0.0,
-                True,
-                scale=ctx.scaling,
-            )
-        else:
-            grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                grad, query, key, value, out, lse, 0.0, True, scale=ctx.scaling
-            )
-        return (*grads, None, None)
+        grads = _attention_kernel_backward(grad, ctx.saved_tensors, ctx.scaling, ctx.kernel, ctx.aux)
+        return (*grads, None, None, None)
 
 
 _FLEX_COMPILED: Callable[..., Any] | None = None
