@@ -125,7 +125,7 @@ def check(length: int = 32768) -> dict:
     outs, grads = [], []
     for path in ("cudnn", "fa2"):
         if path == "cudnn":
-            out = _one_long_document(q, k, v, 64**-0.5)
+            out = _one_long_document(q, k, v, 64**-0.5, "fa2")
         else:
             from torch.nn.attention.varlen import varlen_attn
 

@@ -112,7 +112,7 @@ LONG_DOCUMENT = 16384
 
 
 def _one_long_document(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None, kernel: str = "fa2"
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None, kernel: str
 ) -> torch.Tensor:
     """Causal attention over one document: query [1, H, T, D], key/value [1, Hkv, T, D] -> [1, T, H, D]."""
     if torch.is_autocast_enabled("cuda") and query.dtype == torch.float32:  # as the varlen path: 16-bit only
@@ -148,7 +148,8 @@ def _attention_kernel(
     cuDNN's fused attention on the GPU, PyTorch's flash kernel on the CPU."""
     if kernel == "fa4":  # one document: the varlen kernel with a single span
         tokens = query.shape[2]
-        cu = torch.tensor([0, tokens], dtype=torch.int32, device=query.device)
+        # [0, T] made on the device: a list copied to it would wait for the stream (a host sync a layer)
+        cu = torch.arange(0, 2 * tokens, tokens, dtype=torch.int32, device=query.device)
         out, lse = fa4.varlen_forward(*map(_tokens_first, (query, key, value)), cu, tokens, scaling)
         return out.transpose(0, 1)[None], lse, (cu, tokens)
     if query.device.type == "cuda":
