@@ -8,6 +8,7 @@
 set -uo pipefail
 export WHEELS=${WHEELS:-.whl_bench}
 source scripts/device/setup.sh
+[ -f /tmp/site/.fa4_done ] && source scripts/device/fa4_setup.sh  # flash-attn-4 where an earlier call unpacked it
 unset PYTHONDONTWRITEBYTECODE  # the image sets it: every import would compile from source (not a user's install)
 CASE=${CASE:-lora} STEPS=${STEPS:-10} TAG=${TAG:-warm} CPROFILE=${CPROFILE-1}
 mkdir -p /tmp/${TAG}0
