@@ -124,6 +124,9 @@ class SpeedConfig:
     # sequences: its intermediate activations exist for one chunk at a time); None = auto (16384 on CUDA);
     # 0 = off
     mlp_chunk_tokens: int | None = None
+    # auto | on | off: under offloaded checkpointing, the recompute of each layer skips the MLP's down projection
+    # GEMM, whose output the backward never reads (speed/lora.py; exact); auto = on where it applies
+    skip_unread_output: str = "auto"
     adapter_dtype: str = "auto"  # auto | bf16 | fp32: LoRA weights' dtype (bf16 skips autocast copies)
     # auto | on | off: run the frozen bottom layers (below `train.lora.last_layers`) once per packed row instead
     # of every step (auto: on for the CPU)
@@ -274,6 +277,7 @@ _CHOICES = {
     "train.speed.checkpointing": {"auto", "none", "full", "offload", "selective"},
     "train.speed.adapter_dtype": {"auto", "bf16", "fp32"},
     "train.speed.cpu_embeddings": {"auto", "on", "off"},
+    "train.speed.skip_unread_output": {"auto", "on", "off"},
     "eval.task": {"auto", "colorist", "assistant", "pretrain", "preference", "none"},
     "objective.direction": {"minimize", "maximize"},
     "optimizer.name": {"adamw", "adamw_8bit"},

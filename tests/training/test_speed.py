@@ -10,6 +10,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from ftpipe.data import boundaries
@@ -17,7 +18,7 @@ from ftpipe.data.labels import IGNORE_INDEX
 from ftpipe.training import speed
 from ftpipe.training.collator import PackedCollator
 from ftpipe.training.speed import attention as attn
-from ftpipe.training.speed import fa4, mlp_chunks, swiglu
+from ftpipe.training.speed import fa4, lora_ops, mlp_chunks, swiglu
 from ftpipe.training.speed.host_embedding import HostEmbedding
 from ftpipe.training.speed.lora import cast_adapters, fuse_lora
 from ftpipe.training.speed.lora_ops import lora_linear
@@ -373,6 +374,60 @@ def test_lora_4bit_kept_weight_gives_the_same_gradients() -> None:
     for keep, compiled in ((True, False), (True, True), (False, True)):
         for g, r in zip(run(keep, compiled), want, strict=True):
             torch.testing.assert_close(g, r)
+
+
+def test_an_unread_output_is_not_computed_and_its_gradients_are_the_same() -> None:
+    """`unread` (an offloaded recompute of a layer's down projection): the base GEMM is skipped, and what the
+    backward saves and returns is bit for bit the full forward's, bf16 and nf4, eager and compiled."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 12, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(8, 12, dtype=torch.bfloat16)
+    a = torch.randn(4, 12, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(8, 4, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(2, 7, 8, dtype=torch.bfloat16)
+
+    def grads(unread: bool, compiled: bool) -> tuple:
+        def f(x, a, b):
+            return lora_linear(x, w, None, [a], [b], [0.3], unread)
+
+        fn = torch.compile(f, backend="aot_eager", fullgraph=True) if compiled else f
+        return torch.autograd.grad(fn(x, a, b), (x, a, b), grad)
+
+    for unread, gemms in (
+        (False, ["aten.mm.default"] * 2 + ["aten.addmm_.default"]),
+        (True, ["aten.mm.default"]),
+    ):
+        ops: list[str] = []
+        with _CountedOps(ops):
+            lora_ops._lora_out(x.detach().view(-1, 12), w, None, [a], [b], [0.3], unread)
+        assert [op for op in ops if "mm" in op] == gemms  # unread: x A^T only, no x W^T and no epilogue
+    want = grads(False, False)
+    for compiled in (False, True):
+        for got, ref in zip(grads(True, compiled), want, strict=True):
+            assert torch.equal(got, ref)
+
+    layer, _ = _fused_qlora_layer(keep_dequant=True)
+    qa, qb = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    xq = torch.randn(2, 5, 64, dtype=torch.bfloat16, requires_grad=True)
+    gq = torch.randn(2, 5, 48, dtype=torch.bfloat16)
+    results = []
+    for unread in (False, True):
+        layer._ftpipe_output_unread = unread
+        results.append(torch.autograd.grad(layer(xq), (xq, qa, qb), gq))
+    for got, ref in zip(results[1], results[0], strict=True):
+        assert torch.equal(got, ref)
+
+
+class _CountedOps(TorchDispatchMode):
+    """Records the name of every aten/ftpipe operator that runs under it."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__()
+        self.names = names
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 def test_liger_chunks_are_few_and_bounded() -> None:
@@ -866,6 +921,51 @@ class _HostParking:
 
     def load(self, slot: torch.Tensor, device: torch.device) -> torch.Tensor:
         return slot
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_offloaded_recompute_skips_the_unread_down_projection(compiled: bool, monkeypatch) -> None:
+    """Fused LoRA under offloaded checkpointing (the parking made host-only, so it runs on the CPU), eager or
+    in compiled layers (AOTAutograd, one graph for the checkpoint's forward and one for the recompute, shared by
+    the layers): each layer's recompute runs its down projection as the unread operator, and loss and gradients
+    are bit for bit those of the same model computing that output (and HF + PEFT's, to rounding)."""
+    from torch._dynamo.utils import counters
+
+    from ftpipe.training.speed import checkpointing as ckpt
+    from ftpipe.training.speed.policy import Levers
+
+    monkeypatch.setattr(ckpt, "ActivationOffloader", _HostParking)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    pos = torch.arange(48)[None]
+    batch = {"input_ids": torch.randint(0, 256, (1, 48)), "position_ids": pos}
+    batch["labels"] = batch["input_ids"]
+    train_cfg = {"method": "lora", "precision": "fp32", "speed": {}}
+
+    def fused(skip: bool):
+        levers = Levers("cpu", "sdpa", "off", compiled, True, "offload", "fp32", skip_unread_output=skip)
+        return speed.after_peft(_tiny_peft(None), train_cfg, levers)
+
+    ref_loss, ref_grads = _loss_grads(_tiny_peft(None), batch)
+    full_loss, full_grads = _loss_grads(fused(False), batch)
+    torch._dynamo.reset()
+    counters.clear()
+    unread_calls = []
+    forward = lora_ops._lora_fwd_impl
+    monkeypatch.setattr(
+        lora_ops,
+        "_lora_fwd_impl",
+        lambda *a, unread=False: unread_calls.append(unread) or forward(*a, unread),
+    )
+    loss, grads = _loss_grads(fused(True), batch)
+    assert unread_calls.count(True) == 2  # one per layer: its down projection, in its recompute
+    assert counters["stats"]["unique_graphs"] == (2 if compiled else 0)
+    assert torch.equal(loss, full_loss) and set(grads) == set(full_grads) == set(ref_grads)
+    for name, g in grads.items():
+        assert torch.equal(g, full_grads[name]), name
+        torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert speed.resolve({"method": "lora", "speed": {"checkpointing": "offload"}}, "cuda").skip_unread_output
+    for other in ({"checkpointing": "full"}, {"checkpointing": "offload", "skip_unread_output": "off"}):
+        assert not speed.resolve({"method": "lora", "speed": other}, "cuda").skip_unread_output
 
 
 def test_offloaded_checkpointing_wraps_the_layers_of_a_model(monkeypatch) -> None:

@@ -115,7 +115,11 @@ def after_peft(model: nn.Module, train_cfg: dict[str, Any], levers: Levers) -> n
         lora.cast_adapters(model, compute_dtype(train_cfg, levers.device))
     if levers.fused_lora:
         # Offloaded / full checkpointing: a 4-bit weight dequantized in the recompute is kept for its backward.
-        lora.fuse_lora(model, keep_dequant=levers.checkpointing in ("offload", "full"))
+        lora.fuse_lora(
+            model,
+            keep_dequant=levers.checkpointing in ("offload", "full"),
+            skip_unread_output=levers.skip_unread_output,
+        )
         if levers.fused_swiglu:
             swiglu.fuse_swiglu(model)
     if levers.cpu_embeddings:

@@ -42,11 +42,15 @@ def _lora_out(
     a: list[torch.Tensor],
     b: list[torch.Tensor],
     scale: list[float],
+    unread: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The projections of one group (one or more sharing the input x, e.g. q/k/v: `w`, `bias` their base
     weights concatenated along the outputs): out [T, sum N_i] = x W^T + b, and in each projection's columns
-    s_i (x A_i^T) B_i^T added in the GEMM epilogue, in place; h [T, sum r_i] = x [A_1; A_2; ...]^T."""
+    s_i (x A_i^T) B_i^T added in the GEMM epilogue, in place; h [T, sum r_i] = x [A_1; A_2; ...]^T. `unread`:
+    nothing will read `out` (only h and the inputs are saved for backward), so it is left unfilled."""
     h = torch.mm(x2, (a[0] if len(a) == 1 else torch.cat(a)).t())
+    if unread:
+        return x2.new_empty((x2.shape[0], w.shape[0])), h
     out = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
     if len(b) == 1:
         return out.addmm_(h, b[0].t(), alpha=scale[0]), h
@@ -85,9 +89,16 @@ def _lora_grads(
     return dx, da, db
 
 
-def _lora_fwd_impl(x, w, bias, a, b, scale):
-    out, h = _lora_out(x.reshape(-1, x.shape[-1]), w, bias, a, b, scale)
+def _lora_fwd_impl(x, w, bias, a, b, scale, unread=False):
+    out, h = _lora_out(x.reshape(-1, x.shape[-1]), w, bias, a, b, scale, unread)
     return out.view(*x.shape[:-1], w.shape[0]), h
+
+
+def _lora_unread_impl(x, w, bias, a, b, scale):
+    """`lora_linear` for a forward whose output nobody reads: an offloaded checkpoint's recompute of a layer's
+    last projection (its output only makes the layer's output, which that backward never reads). Saves what the
+    backward needs, as `lora_linear` does, without the base GEMM (speed/policy.py: `skip_unread_output`)."""
+    return _lora_fwd_impl(x, w, bias, a, b, scale, unread=True)
 
 
 def fake_outputs(
@@ -136,6 +147,11 @@ lora_linear_fwd = _op(
     _lora_fwd_impl,
     _lora_fwd_fake,
 )
+lora_linear_unread_fwd = _op(
+    "lora_linear_unread(Tensor x, Tensor w, Tensor? bias, Tensor[] a, Tensor[] b, float[] scale) -> (Tensor, Tensor)",
+    _lora_unread_impl,
+    _lora_fwd_fake,
+)
 lora_linear_bwd = _op(
     "lora_linear_bwd(Tensor dy, Tensor x, Tensor w, Tensor h, Tensor[] a, Tensor[] b, float[] scale, "
     "bool need_dx) -> (Tensor, Tensor[], Tensor[])",
@@ -157,7 +173,8 @@ def _lora_backward(ctx: Any, dy: torch.Tensor, _dh: Any) -> tuple:
     return (dx if need_dx else None), None, None, da, db, None
 
 
-torch.library.register_autograd("ftpipe::lora_linear", _lora_backward, setup_context=_lora_setup, lib=_LIB)
+for _name in ("lora_linear", "lora_linear_unread"):
+    torch.library.register_autograd(f"ftpipe::{_name}", _lora_backward, setup_context=_lora_setup, lib=_LIB)
 
 
 def lora_linear(
@@ -167,9 +184,11 @@ def lora_linear(
     a: list[torch.Tensor],
     b: list[torch.Tensor],
     scale: list[float],
+    unread: bool = False,
 ) -> torch.Tensor:
     """y = x W^T + b + s_i (x A_i^T) B_i^T in projection i's columns, as one autograd node, for one projection or
     a group that reads the same x (W, b: the group's base weights concatenated, see `lora.group_siblings`).
     Saves x (shared with the sibling projections that read the same input) and the rank-r x A^T. Replaces
-    PEFT's chain of linear, linear, scale, add per projection (and its backward's extra full-size passes)."""
-    return lora_linear_fwd(x, w, bias, a, b, scale)[0]
+    PEFT's chain of linear, linear, scale, add per projection (and its backward's extra full-size passes).
+    `unread`: no one reads y's values (`_lora_unread_impl`); it is returned unfilled, with its backward."""
+    return (lora_linear_unread_fwd if unread else lora_linear_fwd)(x, w, bias, a, b, scale)[0]

@@ -69,6 +69,14 @@ def _nf4_keep_fake(x, data, absmax, bias, a, b, scale, blocksize, quant_type, sh
     return out, h, x.new_empty(shape, dtype=dtype)
 
 
+def _nf4_keep_unread_impl(x, data, absmax, bias, a, b, scale, blocksize, quant_type, shape, dtype):
+    """`lora_linear_nf4_keep` for a recompute whose output nobody reads (`lora_ops._lora_unread_impl`): the
+    weight is dequantized for the backward that follows, the base GEMM is skipped."""
+    w = _dequant(data, absmax, blocksize, quant_type, shape, dtype)
+    out, h = _lora_fwd_impl(x, w, bias, a, b, scale, unread=True)
+    return out, h, w
+
+
 def _nf4_bwd_impl(dy, x, data, absmax, h, a, b, scale, blocksize, quant_type, shape, dtype, need_dx):
     w = _dequant(data, absmax, blocksize, quant_type, shape, dtype) if need_dx else None
     d = dy.reshape(-1, dy.shape[-1])
@@ -85,6 +93,11 @@ _NF4_ARGS += "str quant_type, int[] shape, ScalarType dtype"
 lora_nf4_fwd = _op(f"lora_linear_nf4({_NF4_ARGS}) -> (Tensor, Tensor)", _nf4_fwd_impl, _nf4_fwd_fake)
 lora_nf4_keep_fwd = _op(
     f"lora_linear_nf4_keep({_NF4_ARGS}) -> (Tensor, Tensor, Tensor)", _nf4_keep_impl, _nf4_keep_fake
+)
+lora_nf4_keep_unread_fwd = _op(
+    f"lora_linear_nf4_keep_unread({_NF4_ARGS}) -> (Tensor, Tensor, Tensor)",
+    _nf4_keep_unread_impl,
+    _nf4_keep_fake,
 )
 lora_nf4_bwd = _op(
     "lora_linear_nf4_bwd(Tensor dy, Tensor x, Tensor data, Tensor absmax, Tensor h, Tensor[] a, Tensor[] b, "
@@ -122,15 +135,17 @@ def _nf4_keep_backward(ctx: Any, dy: torch.Tensor, _dh: Any, _dw: Any) -> tuple:
 
 
 torch.library.register_autograd("ftpipe::lora_linear_nf4", _nf4_backward, setup_context=_nf4_setup, lib=_LIB)
-torch.library.register_autograd(
-    "ftpipe::lora_linear_nf4_keep", _nf4_keep_backward, setup_context=_nf4_keep_setup, lib=_LIB
-)
+for _name in ("lora_linear_nf4_keep", "lora_linear_nf4_keep_unread"):
+    torch.library.register_autograd(
+        f"ftpipe::{_name}", _nf4_keep_backward, setup_context=_nf4_keep_setup, lib=_LIB
+    )
 
 
-def nf4_call(x, data, absmax, bias, a, b, scale, meta, keep):
+def nf4_call(x, data, absmax, bias, a, b, scale, meta, keep, unread=False):
     """`lora_linear` over an nf4 weight's plain tensors (`attach_nf4`); `keep`: the dequantized weight is kept
-    for backward (a checkpoint's recompute, whose backward follows at once)."""
-    op = lora_nf4_keep_fwd if keep else lora_nf4_fwd
+    for backward (a checkpoint's recompute, whose backward follows at once); `unread` (with `keep`): the
+    recompute's output is not read, so not computed (`lora_ops.lora_linear`)."""
+    op = (lora_nf4_keep_unread_fwd if unread else lora_nf4_keep_fwd) if keep else lora_nf4_fwd
     return op(x, data, absmax, bias, a, b, scale, *meta)[0]
 
 

@@ -33,6 +33,8 @@ class Levers:
     fused_swiglu: bool = False
     # fa2 | fa4: varlen's kernel (FlashAttention-2 inside torch, or flash-attn-4)
     attention_kernel: str = "fa2"
+    # an offloaded checkpoint's recompute skips the down projection's base GEMM (speed/lora.py)
+    skip_unread_output: bool = False
 
 
 # Micro-batches of this many tokens or more checkpoint their layers by default on CUDA (offloaded): without it
@@ -114,10 +116,16 @@ def resolve(
         )
         fused_lora, fused_swiglu, compile_on, fused_ce = False, False, False, "off"
         ckpt = "full" if ckpt in ("offload", "selective") else ckpt
+    # Exact (the skipped output is never read: the gradients are bit for bit the same, tests/training/), so on
+    # wherever it applies: the fused LoRA ops under offloaded checkpointing, whose forwards with grad are all
+    # recomputes. Expected from the FLOPs, not yet measured on a GPU: Qwen2.5-7B QLoRA's recompute GEMMs ~84 ms
+    # of a 364 ms step (c21), 29% of them down's.
+    skip_unread = pick("skip_unread_output", "on") == "on" and fused_lora and ckpt == "offload"
     return Levers(
         device=kind,
         attention=attention,
         attention_kernel=attention_kernel,
+        skip_unread_output=skip_unread,
         fused_ce=fused_ce,
         compile=compile_on,
         fused_lora=fused_lora,
