@@ -923,12 +923,15 @@ class _HostParking:
         return slot
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_offloaded_recompute_skips_the_unread_down_projection(compiled: bool, monkeypatch) -> None:
-    """Fused LoRA under offloaded checkpointing (the parking made host-only, so it runs on the CPU), eager or
-    in compiled layers (AOTAutograd, one graph for the checkpoint's forward and one for the recompute, shared by
-    the layers): each layer's recompute runs its down projection as the unread operator, and loss and gradients
-    are bit for bit those of the same model computing that output (and HF + PEFT's, to rounding)."""
+@pytest.mark.parametrize("compiled,mlp_chunk", [(False, 0), (True, 0), (False, 16)])
+def test_offloaded_recompute_skips_the_unread_down_projection(
+    compiled: bool, mlp_chunk: int, monkeypatch
+) -> None:
+    """Fused LoRA under offloaded checkpointing (the parking made host-only, so it runs on the CPU), eager, in
+    compiled layers (AOTAutograd, one graph for the checkpoint's forward and one for the recompute, shared by
+    the layers) or with the MLP over checkpointed chunks: each layer's recompute runs its down projection as the
+    unread operator, and loss and gradients are bit for bit those of the same model computing that output (and
+    HF + PEFT's, to rounding)."""
     from torch._dynamo.utils import counters
 
     from ftpipe.training.speed import checkpointing as ckpt
@@ -943,7 +946,8 @@ def test_offloaded_recompute_skips_the_unread_down_projection(compiled: bool, mo
 
     def fused(skip: bool):
         levers = Levers("cpu", "sdpa", "off", compiled, True, "offload", "fp32", skip_unread_output=skip)
-        return speed.after_peft(_tiny_peft(None), train_cfg, levers)
+        chunked = (lambda m: mlp_chunks.chunk_mlps(m, mlp_chunk)) if mlp_chunk else None
+        return speed.after_peft(_tiny_peft(None, chunked), train_cfg, levers)
 
     ref_loss, ref_grads = _loss_grads(_tiny_peft(None), batch)
     full_loss, full_grads = _loss_grads(fused(False), batch)
@@ -957,7 +961,9 @@ def test_offloaded_recompute_skips_the_unread_down_projection(compiled: bool, mo
         lambda *a, unread=False: unread_calls.append(unread) or forward(*a, unread),
     )
     loss, grads = _loss_grads(fused(True), batch)
-    assert unread_calls.count(True) == 2  # one per layer: its down projection, in its recompute
+    # one per layer (its down projection, in its recompute); chunked, once per chunk in the recompute and again
+    # in the chunk's own recompute
+    assert unread_calls.count(True) == (2 * 3 * 2 if mlp_chunk else 2)
     assert counters["stats"]["unique_graphs"] == (2 if compiled else 0)
     assert torch.equal(loss, full_loss) and set(grads) == set(full_grads) == set(ref_grads)
     for name, g in grads.items():
