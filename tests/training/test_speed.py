@@ -487,7 +487,7 @@ def test_fp32_training_on_cuda_avoids_the_bf16_only_varlen_kernel() -> None:
     assert speed.resolve({"method": "lora", "precision": "bf16", "speed": {}}, "cuda").attention == "varlen"
 
 
-def _tiny_peft(train_cfg: dict | None, before_peft=None, layers: int = 2):
+def _tiny_peft(train_cfg: dict | None, before_peft=None, layers: int = 2, lora_dropout: float = 0.0):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -510,7 +510,9 @@ def _tiny_peft(train_cfg: dict | None, before_peft=None, layers: int = 2):
         model = speed.patch_model(model, train_cfg, levers)
     if before_peft is not None:
         before_peft(model)
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    lora = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=lora_dropout, target_modules="all-linear", init_lora_weights=False
+    )
     torch.manual_seed(1)
     model = get_peft_model(model, lora, **(speed.peft_kwargs(levers) if train_cfg else {}))
     if train_cfg:
@@ -846,7 +848,11 @@ def test_offloaded_checkpoint_replays_the_kept_attention_output(
         parked = offloader()
         for i in range(layers):
             run = lambda x, i=i: layer(i, x)  # noqa: E731
-            h = ckpt.OffloadedCheckpoint.apply(run, parked, keeper, h, anchor) if checkpointed else run(h)
+            h = (
+                ckpt.OffloadedCheckpoint.apply(run, parked, keeper, False, h, anchor)
+                if checkpointed
+                else run(h)
+            )
         loss = h.pow(2).mean()
         loss.backward()
         return loss.detach(), [p.grad.clone() for m in projections for p in m.parameters()]
@@ -972,6 +978,35 @@ def test_offloaded_recompute_skips_the_unread_down_projection(
     assert speed.resolve({"method": "lora", "speed": {"checkpointing": "offload"}}, "cuda").skip_unread_output
     for other in ({"checkpointing": "full"}, {"checkpointing": "offload", "skip_unread_output": "off"}):
         assert not speed.resolve({"method": "lora", "speed": other}, "cuda").skip_unread_output
+
+
+def test_offloaded_recompute_draws_the_dropout_masks_of_its_forward(monkeypatch) -> None:
+    """LoRA dropout under offloaded checkpointing: the recompute starts from the random state of the layer's
+    forward, so the gradients are those of the masks the forward used (the plain model's, same seed), and the
+    state after the step is the plain model's too. Layers without dropout stash nothing."""
+    from ftpipe.training.speed import checkpointing as ckpt
+    from ftpipe.training.speed.policy import Levers
+
+    monkeypatch.setattr(ckpt, "ActivationOffloader", _HostParking)
+    levers = Levers("cpu", "sdpa", "off", False, False, "offload", "fp32")
+    batch = {"input_ids": torch.randint(0, 256, (1, 48)), "position_ids": torch.arange(48)[None]}
+    batch["labels"] = batch["input_ids"]
+    results = []
+    for checkpointed in (False, True):
+        model = _tiny_peft(None, lora_dropout=0.3)
+        if checkpointed:  # after PEFT, as the train stage wraps them: LoRA's dropouts are in the layers then
+            model = speed.after_peft(model, {"method": "lora", "precision": "fp32"}, levers)
+        model.train()
+        torch.manual_seed(5)
+        results.append((*_loss_grads(model, batch), torch.rand(1)))
+    (ref_loss, ref_grads, ref_next), (loss, grads, after) = results
+    torch.testing.assert_close(loss, ref_loss)
+    assert set(grads) == set(ref_grads)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert torch.equal(after, ref_next)  # the recompute left the random stream where the plain step did
+    assert ckpt.draws_random(model.base_model.model.model.layers[0])
+    assert not ckpt.draws_random(_tiny_peft(None).base_model.model.model.layers[0])
 
 
 def test_offloaded_checkpointing_wraps_the_layers_of_a_model(monkeypatch) -> None:

@@ -157,9 +157,27 @@ class _Attending:
         _ATTENTION = self.before
 
 
+def draws_random(layer: nn.Module) -> bool:
+    """Whether a forward of `layer` in training draws random numbers: a dropout (LoRA's, an MLP's) or an
+    attention dropout above 0."""
+    return any(
+        (isinstance(m, nn.Dropout) and m.p > 0) or float(getattr(m, "attention_dropout", 0.0) or 0.0) > 0
+        for m in layer.modules()
+    )
+
+
+def _rng_states(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
 class OffloadedCheckpoint(torch.autograd.Function):
     """Checkpoint a layer: forward without saving activations, its input parked on the host; backward brings
-    the input back, recomputes the layer with grad and back-propagates through it (reentrant style)."""
+    the input back, recomputes the layer with grad and back-propagates through it (reentrant style). With
+    `random` (the layer draws random numbers: `draws_random`) the recompute starts from the random state its
+    forward started from, so its dropout masks are the forward's, and leaves the state as it found it (as
+    torch.utils.checkpoint's `preserve_rng_state`; compiled layers take their masks' seeds from that state
+    too). Without, nothing is stashed: the usual layer (no dropout) needs nothing."""
 
     @staticmethod
     def forward(
@@ -167,12 +185,14 @@ class OffloadedCheckpoint(torch.autograd.Function):
         run: Callable,
         offloader: ActivationOffloader | None,
         keeper: AttentionKeeper | None,
+        random: bool,
         hidden: torch.Tensor,
         *rest,
     ):
         ctx.run, ctx.offloader, ctx.keeper, ctx.kept = run, offloader, keeper, []
         kind = hidden.device.type
         ctx.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+        ctx.rng = _rng_states(hidden.device) if random else None
         if offloader is not None:
             ctx.slot = offloader.save(hidden)
         else:
@@ -187,16 +207,22 @@ class OffloadedCheckpoint(torch.autograd.Function):
             hidden = ctx.offloader.load(ctx.slot, ctx.device)
         else:
             (hidden,) = ctx.saved_tensors
-        hidden = hidden.detach().requires_grad_(ctx.needs_input_grad[3])
+        hidden = hidden.detach().requires_grad_(ctx.needs_input_grad[4])
         kind, enabled, dtype = ctx.autocast
+        cuda = [ctx.device] if ctx.device.type == "cuda" else []
         with (
+            torch.random.fork_rng(devices=cuda, enabled=ctx.rng is not None, device_type="cuda"),
             torch.enable_grad(),
             torch.autocast(kind, dtype=dtype, enabled=enabled),
             _Attending(ctx.keeper, ctx.kept, "replay"),
         ):
+            if ctx.rng is not None:
+                torch.set_rng_state(ctx.rng[0])
+                if ctx.rng[1] is not None:
+                    torch.cuda.set_rng_state(ctx.rng[1], ctx.device)
             out = ctx.run(hidden)
         torch.autograd.backward(out, grad)
-        return (None, None, None, hidden.grad if ctx.needs_input_grad[3] else None, None)
+        return (None, None, None, None, hidden.grad if ctx.needs_input_grad[4] else None, None)
 
 
 def wrap_layers(model: nn.Module, levers: Levers) -> None:
@@ -227,7 +253,8 @@ def wrap_layers(model: nn.Module, levers: Levers) -> None:
         if mode in ("none", "selective"):
             layer.forward = run
             continue
-        layer.forward = functools.partial(_checkpointed_forward, run, offloader, keeper, anchor)
+        random = draws_random(layer)
+        layer.forward = functools.partial(_checkpointed_forward, run, offloader, keeper, anchor, random)
 
 
 def _checkpointed_forward(
@@ -235,6 +262,7 @@ def _checkpointed_forward(
     offloader: ActivationOffloader | None,
     keeper: AttentionKeeper | None,
     anchor: torch.Tensor,
+    random: bool,
     *args: Any,
     **kwargs: Any,
 ) -> Any:
@@ -248,7 +276,7 @@ def _checkpointed_forward(
         shape[:] = [isinstance(out, tuple)]
         return out[0] if isinstance(out, tuple) else out
 
-    out = OffloadedCheckpoint.apply(body, offloader, keeper, hidden, anchor)
+    out = OffloadedCheckpoint.apply(body, offloader, keeper, random, hidden, anchor)
     return (out,) if shape and shape[0] else out
 
 
