@@ -980,6 +980,19 @@ def test_offloaded_recompute_skips_the_unread_down_projection(
         assert not speed.resolve({"method": "lora", "speed": other}, "cuda").skip_unread_output
 
 
+def test_projections_that_cannot_fuse_are_named_in_the_log(caplog) -> None:
+    """LoRA dropout above 0 keeps PEFT's own forward (the fused operators take none): the run says so, once per
+    reason, with how many projections."""
+    model = _tiny_peft(None, lora_dropout=0.1)
+    with caplog.at_level("INFO", logger="ftpipe"):
+        assert fuse_lora(model) == 0
+    assert "14 LoRA projections keep PEFT's own forward, not the fused one: LoRA dropout 0.1" in caplog.text
+    with caplog.at_level("INFO", logger="ftpipe"):
+        caplog.clear()
+        assert fuse_lora(_tiny_peft(None)) == 14
+    assert "PEFT's own forward" not in caplog.text
+
+
 def test_offloaded_recompute_draws_the_dropout_masks_of_its_forward(monkeypatch) -> None:
     """LoRA dropout under offloaded checkpointing: the recompute starts from the random state of the layer's
     forward, so the gradients are those of the masks the forward used (the plain model's, same seed), and the

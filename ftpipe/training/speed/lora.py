@@ -4,6 +4,8 @@ bf16 or a 4-bit base; one per group of projections that read the same input) and
 
 from __future__ import annotations
 
+import collections
+import logging
 import types
 from typing import Any
 
@@ -12,6 +14,8 @@ from torch import nn
 
 from .lora_ops import lora_linear
 from .nf4_ops import NF4_BUFFERS, attach_nf4, nf4_call
+
+log = logging.getLogger("ftpipe")
 
 # Sibling projections that read the same input in transformers' decoder layers (Llama, Qwen2, Mistral, Gemma,
 # ...): attention's q/k/v read the normed hidden states, the MLP's gate/up its normed input. Grouped, each is one
@@ -39,22 +43,32 @@ OUTPUT_IS_RESIDUAL_PLUS_DOWN = (
 
 
 def _lora_can_fuse(layer: nn.Module) -> bool:
+    return _not_fused_because(layer) is None
+
+
+def _not_fused_because(layer: nn.Module) -> str | None:
+    """Why `layer` keeps PEFT's own forward rather than a fused operator, or None where it can fuse."""
     try:
         (name,) = layer.active_adapters
     except (ValueError, AttributeError):
-        return False
+        return "not one active adapter"
     base = layer.get_base_layer()
-    if layer.disable_adapters or layer.merged or getattr(layer, "use_dora", {}).get(name):
-        return False
+    if layer.disable_adapters or layer.merged:
+        return "adapters disabled or merged"
+    if getattr(layer, "use_dora", {}).get(name):
+        return "DoRA"
     if getattr(layer, "lora_bias", {}).get(name):
-        return False
+        return "a LoRA bias"
     drop = layer.lora_dropout[name]
     if not (isinstance(drop, nn.Identity) or getattr(drop, "p", 1.0) == 0.0):
-        return False
+        return f"LoRA dropout {getattr(drop, 'p', '?')} (the fused operators take dropout 0)"
     a_dtype = layer.lora_A[name].weight.dtype
     if type(base) is nn.Linear:
-        return base.weight.dtype == a_dtype  # fp32 adapters on a bf16 base keep PEFT's (autocast) path
-    return type(base).__name__ == "Linear4bit" and a_dtype == torch.bfloat16
+        # fp32 adapters on a bf16 base keep PEFT's (autocast) path
+        return None if base.weight.dtype == a_dtype else "adapters and base weight in different dtypes"
+    if type(base).__name__ == "Linear4bit":
+        return None if a_dtype == torch.bfloat16 else "4-bit base with adapters not in bf16"
+    return f"a {type(base).__name__} base layer"
 
 
 def _adapter(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -207,8 +221,13 @@ def fuse_lora(model: nn.Module, keep_dequant: bool = False, skip_unread_output: 
     from peft.tuners.lora import LoraLayer
 
     n = 0
+    unfused: collections.Counter[str] = collections.Counter()
     for module in model.modules():
-        if isinstance(module, LoraLayer) and hasattr(module, "get_base_layer") and _lora_can_fuse(module):
+        if isinstance(module, LoraLayer) and hasattr(module, "get_base_layer"):
+            reason = _not_fused_because(module)
+            if reason is not None:
+                unfused[reason] += 1
+                continue
             base = module.get_base_layer()
             module._ftpipe_nf4 = None
             module._ftpipe_keep_dequant = keep_dequant
@@ -220,6 +239,8 @@ def fuse_lora(model: nn.Module, keep_dequant: bool = False, skip_unread_output: 
     group_siblings(model)
     if skip_unread_output:
         mark_unread_outputs(model)
+    for reason, count in unfused.items():
+        log.info("[train] %d LoRA projections keep PEFT's own forward, not the fused one: %s", count, reason)
     return n
 
 
