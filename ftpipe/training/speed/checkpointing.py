@@ -160,10 +160,13 @@ class _Attending:
 def draws_random(layer: nn.Module) -> bool:
     """Whether a forward of `layer` in training draws random numbers: a dropout (LoRA's, an MLP's) or an
     attention dropout above 0."""
-    return any(
-        (isinstance(m, nn.Dropout) and m.p > 0) or float(getattr(m, "attention_dropout", 0.0) or 0.0) > 0
-        for m in layer.modules()
-    )
+
+    def draws(m: nn.Module) -> bool:
+        # attention modules keep the probability as a float (a dropout module is one of modules() anyway)
+        attention_p = getattr(m, "attention_dropout", 0.0)
+        return (isinstance(m, nn.Dropout) and m.p > 0) or (isinstance(attention_p, float) and attention_p > 0)
+
+    return any(draws(m) for m in layer.modules())
 
 
 def _rng_states(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -54,13 +54,13 @@ def _nf4_fwd_fake(x, data, absmax, bias, a, b, scale, blocksize, quant_type, sha
     return fake_outputs(x, shape[0], a)
 
 
-def _nf4_keep_impl(x, data, absmax, bias, a, b, scale, blocksize, quant_type, shape, dtype):
+def _nf4_keep_impl(x, data, absmax, bias, a, b, scale, blocksize, quant_type, shape, dtype, unread=False):
     """`lora_linear_nf4` (the op) that also returns the dequantized weight, which its backward reuses instead of
     dequantizing again. Used only where the forward is a checkpoint's recompute, whose backward follows at once:
     one layer's weights are held at a time (Qwen2.5-7B: 0.45 GiB), and one of the three dequantizations per
     weight and step is saved."""
     w = _dequant(data, absmax, blocksize, quant_type, shape, dtype)
-    out, h = _lora_fwd_impl(x, w, bias, a, b, scale)
+    out, h = _lora_fwd_impl(x, w, bias, a, b, scale, unread)
     return out, h, w
 
 
@@ -72,9 +72,9 @@ def _nf4_keep_fake(x, data, absmax, bias, a, b, scale, blocksize, quant_type, sh
 def _nf4_keep_unread_impl(x, data, absmax, bias, a, b, scale, blocksize, quant_type, shape, dtype):
     """`lora_linear_nf4_keep` for a recompute whose output nobody reads (`lora_ops._lora_unread_impl`): the
     weight is dequantized for the backward that follows, the base GEMM is skipped."""
-    w = _dequant(data, absmax, blocksize, quant_type, shape, dtype)
-    out, h = _lora_fwd_impl(x, w, bias, a, b, scale, unread=True)
-    return out, h, w
+    return _nf4_keep_impl(
+        x, data, absmax, bias, a, b, scale, blocksize, quant_type, shape, dtype, unread=True
+    )
 
 
 def _nf4_bwd_impl(dy, x, data, absmax, h, a, b, scale, blocksize, quant_type, shape, dtype, need_dx):
