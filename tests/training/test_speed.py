@@ -993,15 +993,18 @@ def test_projections_that_cannot_fuse_are_named_in_the_log(caplog) -> None:
     assert "PEFT's own forward" not in caplog.text
 
 
-def test_offloaded_recompute_draws_the_dropout_masks_of_its_forward(monkeypatch) -> None:
-    """LoRA dropout under offloaded checkpointing: the recompute starts from the random state of the layer's
-    forward, so the gradients are those of the masks the forward used (the plain model's, same seed), and the
-    state after the step is the plain model's too. Layers without dropout stash nothing."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_offloaded_recompute_draws_the_dropout_masks_of_its_forward(compiled: bool, monkeypatch) -> None:
+    """LoRA dropout under offloaded checkpointing, eager or in compiled layers (AOTAutograd): the recompute
+    starts from the random state of the layer's forward, so the gradients are those of the masks the forward
+    used (the plain model's, same seed), and the state after the step is the plain model's too. Layers without
+    dropout stash nothing."""
     from ftpipe.training.speed import checkpointing as ckpt
     from ftpipe.training.speed.policy import Levers
 
     monkeypatch.setattr(ckpt, "ActivationOffloader", _HostParking)
-    levers = Levers("cpu", "sdpa", "off", False, False, "offload", "fp32")
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    levers = Levers("cpu", "sdpa", "off", compiled, False, "offload", "fp32")
     batch = {"input_ids": torch.randint(0, 256, (1, 48)), "position_ids": torch.arange(48)[None]}
     batch["labels"] = batch["input_ids"]
     results = []
