@@ -236,9 +236,10 @@ def test_grouped_gate_up_are_saved_as_the_groups_output(fused_swiglu: str, monke
     assert values and all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in values)
 
 
-def _fused_qlora_layer(keep_dequant: bool = False):
+def _fused_qlora_layer(keep_dequant: bool = False, lora_dropout: float = 0.0, fuse: bool = True):
     """A PEFT LoRA layer over a bitsandbytes nf4 Linear4bit (double quant, CPU backend here), bf16 adapters,
-    fused by `fuse_lora` as the train stage does; and the dequantized base weight (fp32) for references."""
+    fused by `fuse_lora` as the train stage does (unless not `fuse`); and the dequantized base weight (fp32) for
+    references."""
     bnb = pytest.importorskip("bitsandbytes")
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -254,13 +255,42 @@ def _fused_qlora_layer(keep_dequant: bool = False):
     model = torch.nn.Sequential()
     model.add_module("proj", base.to("cpu"))
     w = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).float()
-    lora = LoraConfig(r=4, lora_alpha=2, target_modules=["proj"], init_lora_weights=False)
+    lora = LoraConfig(
+        r=4, lora_alpha=2, lora_dropout=lora_dropout, target_modules=["proj"], init_lora_weights=False
+    )
     model = inject_adapter_in_model(lora, model)
     cast_adapters(model, torch.bfloat16)
+    if not fuse:
+        return model.proj, w
     assert fuse_lora(model, keep_dequant=keep_dequant) == 1
     layer = model.proj
     assert layer._ftpipe_nf4 is not None  # the nf4 operator path, not the bf16 one
     return layer, w
+
+
+@pytest.mark.parametrize("keep,compiled", [(False, False), (True, False), (True, True)])
+def test_lora_4bit_layer_with_dropout_matches_peft(keep: bool, compiled: bool) -> None:
+    """QLoRA with LoRA dropout: the fused 4-bit base and PEFT's dropped-input adapter path give PEFT's output
+    and gradients for the same random masks (same seed), also where the dequantized weight is kept, and
+    compiled (both sides through AOTAutograd, whose dropout draws its masks its own way; with the partitioner's
+    default budget, as another test's compiled layers may have left a lower one)."""
+    import torch._functorch.config as functorch_config
+
+    torch.manual_seed(1)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    g = torch.randn(2, 5, 48, dtype=torch.bfloat16)
+    results = []
+    for fuse in (False, True):
+        layer, _ = _fused_qlora_layer(keep_dequant=keep, lora_dropout=0.5, fuse=fuse)
+        layer.train()
+        xs = x.clone().requires_grad_()
+        torch.manual_seed(3)
+        with functorch_config.patch(activation_memory_budget=1.0):
+            out = (torch.compile(layer, backend="aot_eager") if compiled else layer)(xs)
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        results.append((out, *torch.autograd.grad(out, (xs, a, b), g)))
+    for got, want in zip(results[1], results[0], strict=True):
+        assert ((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
 
 
 def test_lora_4bit_layer_matches_dequantized_reference() -> None:
@@ -333,6 +363,26 @@ def test_grouped_4bit_siblings_match_their_own_projections(monkeypatch) -> None:
         torch.testing.assert_close(got, want)  # the same dequantized rows, the same GEMMs per column
     for got, want in zip(grads, ref_grads, strict=True):  # dx: one bf16 GEMM over the group, not three summed
         assert ((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
+
+
+def test_4bit_siblings_with_dropout_are_fused_but_not_grouped() -> None:
+    """With LoRA dropout each of q/k/v drops its own input for its adapter, so they are fused one by one: no
+    group (a group runs one adapter GEMM over the shared input)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, inject_adapter_in_model
+
+    parent = torch.nn.Module()
+    for name, rows in (("q_proj", 64), ("k_proj", 32), ("v_proj", 32)):
+        base = bnb.nn.Linear4bit(64, rows, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+        base.weight = bnb.nn.Params4bit(
+            torch.randn(rows, 64, dtype=torch.bfloat16), requires_grad=False, quant_type="nf4", blocksize=64
+        )
+        parent.add_module(name, base.to("cpu"))
+    lora = LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj"])
+    parent = inject_adapter_in_model(lora, parent)
+    cast_adapters(parent, torch.bfloat16)
+    assert fuse_lora(parent) == 3
+    assert all("_ftpipe_head" not in getattr(parent, n).__dict__ for n in ("q_proj", "k_proj", "v_proj"))
 
 
 def test_lora_ops_trace_under_compile() -> None:
@@ -981,12 +1031,15 @@ def test_offloaded_recompute_skips_the_unread_down_projection(
 
 
 def test_projections_that_cannot_fuse_are_named_in_the_log(caplog) -> None:
-    """LoRA dropout above 0 keeps PEFT's own forward (the fused operators take none): the run says so, once per
-    reason, with how many projections."""
+    """LoRA dropout above 0 over a 16-bit base keeps PEFT's own forward: the run says so, once per reason, with
+    how many projections."""
     model = _tiny_peft(None, lora_dropout=0.1)
     with caplog.at_level("INFO", logger="ftpipe"):
         assert fuse_lora(model) == 0
-    assert "14 LoRA projections keep PEFT's own forward, not the fused one: LoRA dropout 0.1" in caplog.text
+    assert (
+        "14 LoRA projections keep PEFT's own forward, not the fused one: LoRA dropout 0.1 over a 16-bit"
+        in (caplog.text)
+    )
     with caplog.at_level("INFO", logger="ftpipe"):
         caplog.clear()
         assert fuse_lora(_tiny_peft(None)) == 14

@@ -59,16 +59,23 @@ def _not_fused_because(layer: nn.Module) -> str | None:
         return "DoRA"
     if getattr(layer, "lora_bias", {}).get(name):
         return "a LoRA bias"
-    drop = layer.lora_dropout[name]
-    if not (isinstance(drop, nn.Identity) or getattr(drop, "p", 1.0) == 0.0):
-        return f"LoRA dropout {getattr(drop, 'p', '?')} (the fused operators take dropout 0)"
     a_dtype = layer.lora_A[name].weight.dtype
     if type(base) is nn.Linear:
+        if _dropout(layer) is not None:
+            # PEFT's forward inside compiled layers was as fast as the fused one (docs/performance.md, call 12)
+            return f"LoRA dropout {_dropout(layer).p} over a 16-bit base"
         # fp32 adapters on a bf16 base keep PEFT's (autocast) path
         return None if base.weight.dtype == a_dtype else "adapters and base weight in different dtypes"
     if type(base).__name__ == "Linear4bit":
         return None if a_dtype == torch.bfloat16 else "4-bit base with adapters not in bf16"
     return f"a {type(base).__name__} base layer"
+
+
+def _dropout(layer: nn.Module) -> nn.Module | None:
+    """The active adapter's dropout where it drops anything, else None."""
+    (name,) = layer.active_adapters
+    drop = layer.lora_dropout[name]
+    return None if isinstance(drop, nn.Identity) or getattr(drop, "p", 1.0) == 0.0 else drop
 
 
 def _adapter(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -91,7 +98,15 @@ def _fused_lora_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: 
     if self._ftpipe_nf4 is not None:
         keep = self._ftpipe_keep_dequant and torch.is_grad_enabled()
         data, absmax = (getattr(self, n) for n in NF4_BUFFERS)
-        return nf4_call(x, data, absmax, base.bias, [a], [b], [scale], self._ftpipe_nf4, keep, unread)
+        drop = self._ftpipe_dropout
+        if drop is None:
+            return nf4_call(x, data, absmax, base.bias, [a], [b], [scale], self._ftpipe_nf4, keep, unread)
+        # LoRA dropout: the operator runs the 4-bit base alone (a rank-0 adapter: its GEMMs are empty), PEFT's
+        # adapter path takes the dropped input. The base keeps what the fused operator gives a QLoRA weight
+        # (block scales dequantized once, the recompute's weight kept for its backward).
+        no_a, no_b = a.new_empty((0, a.shape[1])), b.new_empty((b.shape[0], 0))
+        out = nf4_call(x, data, absmax, base.bias, [no_a], [no_b], [0.0], self._ftpipe_nf4, keep, unread)
+        return out + (drop(x) @ a.t() @ b.t()) * scale
     return lora_linear(x, base.weight, base.bias, [a], [b], [scale], unread)
 
 
@@ -153,6 +168,8 @@ def group_siblings(model: nn.Module) -> int:
             members = [getattr(parent, n, None) for n in names]
             if not all(m is not None and hasattr(m, "_ftpipe_nf4") for m in members):
                 continue  # not fused
+            if any(m._ftpipe_dropout is not None for m in members):
+                continue  # each member drops its own input for its adapter
             bases = [m.get_base_layer() for m in members]
             first = members[0]
             if any(
@@ -232,6 +249,7 @@ def fuse_lora(model: nn.Module, keep_dequant: bool = False, skip_unread_output: 
             module._ftpipe_nf4 = None
             module._ftpipe_keep_dequant = keep_dequant
             module._ftpipe_output_unread = False
+            module._ftpipe_dropout = _dropout(module)
             if type(base).__name__ == "Linear4bit":
                 attach_nf4(module, base)
             module.forward = types.MethodType(_fused_lora_forward, module)
