@@ -61,9 +61,9 @@ def _not_fused_because(layer: nn.Module) -> str | None:
         return "a LoRA bias"
     a_dtype = layer.lora_A[name].weight.dtype
     if type(base) is nn.Linear:
-        if _dropout(layer) is not None:
+        if (drop := _dropout(layer)) is not None:
             # PEFT's forward inside compiled layers was as fast as the fused one (docs/performance.md, call 12)
-            return f"LoRA dropout {_dropout(layer).p} over a 16-bit base"
+            return f"LoRA dropout {drop.p} over a 16-bit base"
         # fp32 adapters on a bf16 base keep PEFT's (autocast) path
         return None if base.weight.dtype == a_dtype else "adapters and base weight in different dtypes"
     if type(base).__name__ == "Linear4bit":
