@@ -979,15 +979,18 @@ class _HostParking:
         return slot
 
 
-@pytest.mark.parametrize("compiled,mlp_chunk", [(False, 0), (True, 0), (False, 16)])
+@pytest.mark.parametrize(
+    "compiled,mlp_chunk,fused_swiglu",
+    [(False, 0, False), (True, 0, False), (False, 16, False), (False, 0, True)],
+)
 def test_offloaded_recompute_skips_the_unread_down_projection(
-    compiled: bool, mlp_chunk: int, monkeypatch
+    compiled: bool, mlp_chunk: int, fused_swiglu: bool, monkeypatch
 ) -> None:
     """Fused LoRA under offloaded checkpointing (the parking made host-only, so it runs on the CPU), eager, in
     compiled layers (AOTAutograd, one graph for the checkpoint's forward and one for the recompute, shared by
-    the layers) or with the MLP over checkpointed chunks: each layer's recompute runs its down projection as the
-    unread operator, and loss and gradients are bit for bit those of the same model computing that output (and
-    HF + PEFT's, to rounding)."""
+    the layers), with the MLP over checkpointed chunks or as the fused SwiGLU: each layer's recompute runs its
+    down projection as the unread operator, and loss and gradients are bit for bit those of the same model
+    computing that output (and HF + PEFT's, to rounding)."""
     from torch._dynamo.utils import counters
 
     from ftpipe.training.speed import checkpointing as ckpt
@@ -1001,7 +1004,17 @@ def test_offloaded_recompute_skips_the_unread_down_projection(
     train_cfg = {"method": "lora", "precision": "fp32", "speed": {}}
 
     def fused(skip: bool):
-        levers = Levers("cpu", "sdpa", "off", compiled, True, "offload", "fp32", skip_unread_output=skip)
+        levers = Levers(
+            "cpu",
+            "sdpa",
+            "off",
+            compiled,
+            True,
+            "offload",
+            "fp32",
+            fused_swiglu=fused_swiglu,
+            skip_unread_output=skip,
+        )
         chunked = (lambda m: mlp_chunks.chunk_mlps(m, mlp_chunk)) if mlp_chunk else None
         return speed.after_peft(_tiny_peft(None, chunked), train_cfg, levers)
 
